@@ -1,0 +1,167 @@
+"""The SQLite database: connections, transactions and the schema."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+BUSY_TIMEOUT_SECONDS = 10.0
+
+migrations = Migrations("appliance")
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC with milliseconds; sorts as text in time order."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def open_database(path: Path) -> Database:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_SECONDS)
+    db = Database(conn)
+    with db.ensure_autocommit_on():
+        db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+    db.execute("PRAGMA foreign_keys=ON")
+    # WAL with synchronous=NORMAL stays consistent after a crash; a power cut
+    # may only lose the last commits, which the job recovery tolerates.
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+def migrate(db: Database) -> None:
+    migrations.apply(db)
+
+
+@contextlib.contextmanager
+def immediate(db: Database) -> Iterator[Database]:
+    """A write transaction that takes the write lock up front.
+
+    Read-then-write sequences (check credits, then charge) must not start as
+    readers: two of them could both read the old balance.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.rollback()
+        raise
+    else:
+        db.commit()
+
+
+class Store:
+    """Hands each thread its own connection to one database file.
+
+    sqlite3 connections must stay on the thread that made them; the request
+    thread pool, the event loop and the engine worker each get their own.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._local = threading.local()
+        self._all: list[Database] = []
+        self._lock = threading.Lock()
+        migrate(self.db())
+
+    def db(self) -> Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = open_database(self.path)
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                with contextlib.suppress(sqlite3.ProgrammingError):
+                    db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE accounts (
+            id INTEGER PRIMARY KEY,
+            email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+            password_hash TEXT,
+            is_admin INTEGER NOT NULL DEFAULT 0,
+            credits INTEGER NOT NULL DEFAULT 0 CHECK (credits >= 0),
+            created_at TEXT NOT NULL,
+            disabled_at TEXT
+        );
+        CREATE TABLE api_keys (
+            id INTEGER PRIMARY KEY,
+            account_id INTEGER NOT NULL REFERENCES accounts(id),
+            name TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            prefix TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            last_used_at TEXT,
+            deleted_at TEXT
+        );
+        CREATE INDEX api_keys_account ON api_keys(account_id);
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            account_id INTEGER NOT NULL REFERENCES accounts(id),
+            api_key_id INTEGER REFERENCES api_keys(id),
+            status TEXT NOT NULL,
+            total_images INTEGER NOT NULL,
+            credits_used INTEGER NOT NULL,
+            credits_refunded INTEGER NOT NULL DEFAULT 0,
+            settings TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT
+        );
+        CREATE INDEX jobs_account ON jobs(account_id, created_at);
+        CREATE TABLE job_images (
+            id INTEGER PRIMARY KEY,
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            idx INTEGER NOT NULL,
+            prompt TEXT NOT NULL,
+            seed INTEGER NOT NULL,
+            status TEXT NOT NULL,
+            file TEXT,
+            error TEXT,
+            started_at TEXT,
+            finished_at TEXT,
+            UNIQUE (job_id, idx)
+        );
+        CREATE INDEX job_images_status ON job_images(status);
+        CREATE TABLE credit_ledger (
+            id INTEGER PRIMARY KEY,
+            account_id INTEGER NOT NULL REFERENCES accounts(id),
+            delta INTEGER NOT NULL,
+            balance_after INTEGER NOT NULL CHECK (balance_after >= 0),
+            reason TEXT NOT NULL,
+            job_id TEXT REFERENCES jobs(id),
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX credit_ledger_account ON credit_ledger(account_id, id);
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            account_id INTEGER REFERENCES accounts(id),
+            action TEXT NOT NULL,
+            api_key_id INTEGER REFERENCES api_keys(id),
+            ip_address TEXT,
+            user_agent TEXT,
+            details TEXT
+        );
+        CREATE INDEX audit_log_created ON audit_log(created_at);
+        CREATE INDEX audit_log_account ON audit_log(account_id, created_at);
+        """
+    )

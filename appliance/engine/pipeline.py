@@ -1,0 +1,168 @@
+"""Load a local diffusers text-to-image model and turn prompts into images."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+from packaging.version import Version
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+FP16_WEIGHTS = re.compile(r"\.fp16(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+# diffusers renamed `torch_dtype` to `dtype` and warns about the old name.
+DTYPE_KEYWORD = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def pick_device(requested: str) -> str:
+    device = requested.strip().lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if re.fullmatch(r"cuda(:\d+)?", device):
+        _check_cuda(device)
+        return device
+    raise ValueError(f"Unknown device {requested!r}; use auto, cpu, cuda or cuda:N.")
+
+
+def _check_cuda(device: str) -> None:
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"Device {device!r} was requested but this machine has no usable CUDA GPU."
+        )
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(
+            f"Device {device!r} was requested but only {count} CUDA GPU(s) are present."
+        )
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    name = requested.strip().lower()
+    name = DTYPE_ALIASES.get(name, name)
+    on_cpu = not device.startswith("cuda")
+    if name == "auto":
+        return torch.float32 if on_cpu else torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {requested!r}; use auto, {', '.join(DTYPES)}.")
+    if name == "float16" and on_cpu:
+        # Many CPU kernels lack half precision: it is slow or fails outright.
+        logger.warning("float16 is not supported well on the CPU; using float32 instead.")
+        return torch.float32
+    return DTYPES[name]
+
+
+def _read_model_index(model_dir: Path) -> dict[str, Any]:
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"Model folder {model_dir} does not exist.")
+    index_file = model_dir / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"Model folder {model_dir} is not a diffusers pipeline: it has no model_index.json."
+        )
+    try:
+        return json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(
+            f"Model folder {model_dir} has an unreadable model_index.json: {error}"
+        ) from error
+
+
+def _has_fp16_weights(model_dir: Path) -> bool:
+    return any(FP16_WEIGHTS.search(path.name) for path in model_dir.glob("*/*"))
+
+
+def _loading_options(
+    model_dir: Path, model_index: dict[str, Any], dtype: torch.dtype
+) -> dict[str, Any]:
+    options: dict[str, Any] = {DTYPE_KEYWORD: dtype, "local_files_only": True}
+    if "safety_checker" in model_index:
+        # The appliance never filters images, so the checker would only cost
+        # memory and time; dropping it must not trigger the warning about it.
+        options["safety_checker"] = None
+        if "requires_safety_checker" in model_index:
+            options["requires_safety_checker"] = False
+    if _has_fp16_weights(model_dir):
+        # Folders pulled with half-precision weights only have the variant
+        # file names; diffusers falls back per component when one is missing.
+        options["variant"] = "fp16"
+    return options
+
+
+def load_pipeline(model_dir: Path, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+    model_dir = Path(model_dir)
+    options = _loading_options(model_dir, _read_model_index(model_dir), dtype)
+    try:
+        pipe = AutoPipelineForText2Image.from_pretrained(model_dir, **options)
+        pipe = pipe.to(device)
+    except Exception as error:
+        # diffusers raises a wide range of exception types for broken folders.
+        raise ModelLoadError(f"Could not load the model in {model_dir}: {error}") from error
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("Loaded %s from %s on %s as %s", type(pipe).__name__, model_dir, device, dtype)
+    return pipe
+
+
+def _check_request(
+    pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], width: int, height: int
+) -> None:
+    if not prompts:
+        raise ValueError("At least one prompt is needed.")
+    if len(prompts) != len(seeds):
+        raise ValueError(
+            f"Got {len(prompts)} prompts but {len(seeds)} seeds; each image needs its own seed."
+        )
+    multiple = getattr(pipe, "vae_scale_factor", 8)
+    if width % multiple or height % multiple:
+        raise ValueError(f"Width and height must be multiples of {multiple}; got {width}x{height}.")
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    negative_prompt: str | None = None,
+) -> list[Image.Image]:
+    _check_request(pipe, prompts, seeds, width, height)
+    # One generator per image: each image's starting noise depends on its seed
+    # alone, so it does not change with the rest of the batch.
+    generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
+    negative_prompts = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    with torch.inference_mode():
+        result = pipe(
+            prompt=list(prompts),
+            negative_prompt=negative_prompts,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="pil",
+        )
+    return [image.convert("RGB") for image in result.images]

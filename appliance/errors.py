@@ -1,0 +1,45 @@
+"""Errors the services raise; the HTTP layer and the CLI word them for people."""
+
+from __future__ import annotations
+
+
+class ApplianceError(Exception):
+    """A refusal with a human sentence. `status` is the HTTP status it maps to."""
+
+    status = 400
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ApplianceError):
+    status = 400
+
+
+class Unauthorized(ApplianceError):
+    status = 401
+
+
+class InsufficientCredits(ApplianceError):
+    status = 402
+
+    def __init__(self) -> None:
+        super().__init__("Insufficient credits")
+
+
+class NotFound(ApplianceError):
+    status = 404
+
+
+class Conflict(ApplianceError):
+    status = 409
+
+
+class ServiceUnavailable(ApplianceError):
+    status = 503
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
