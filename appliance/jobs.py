@@ -203,18 +203,21 @@ def image_relpath(job_id: str, index: int) -> str:
     return f"{job_id}/{index}.png"
 
 
-def mark_running(db: Database, images: Iterable[QueuedImage]) -> None:
+def mark_running(db: Database, images: Iterable[QueuedImage]) -> list[QueuedImage]:
+    """Starts the images still queued; returns those (others were cancelled or ended)."""
     images = list(images)
     now = utc_now()
     with immediate(db):
-        db.conn.executemany(
-            "UPDATE job_images SET status = ?, started_at = ? WHERE id = ?",
-            [(RUNNING, now, image.image_id) for image in images],
-        )
+        started = [
+            image for image in images
+            if db.execute("UPDATE job_images SET status = ?, started_at = ? WHERE id = ? AND status = ?",
+                          [RUNNING, now, image.image_id, QUEUED]).rowcount
+        ]
         db.conn.executemany(
             "UPDATE jobs SET status = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
-            [(PROCESSING, now, job_id) for job_id in {image.job_id for image in images}],
+            [(PROCESSING, now, job_id) for job_id in {image.job_id for image in started}],
         )
+    return started
 
 
 def mark_completed(db: Database, images: Iterable[QueuedImage]) -> None:

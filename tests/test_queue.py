@@ -47,3 +47,11 @@ def test_close_wakes_a_waiting_worker():
     queue = ImageQueue(capacity=1)
     queue.close()
     assert queue.take_batch(1, timeout=5) == []
+
+
+def test_position_counts_the_images_ahead_of_a_job():
+    queue = ImageQueue(capacity=10)
+    first = [QueuedImage(n, "first", 1, n, "p", n, SMALL) for n in range(3)]
+    second = [QueuedImage(10, "second", 2, 0, "p", 0, SMALL)]
+    queue.put_recovered(first + second)
+    assert (queue.position("first"), queue.position("second"), queue.position("none")) == (0, 3, None)

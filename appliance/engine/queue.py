@@ -74,6 +74,14 @@ class ImageQueue:
             self._items = kept
             return batch
 
+    def position(self, job_id: str) -> int | None:
+        """How many images the worker will take before this job's first; None if none queued."""
+        with self._cond:
+            for ahead, image in enumerate(self._items):
+                if image.job_id == job_id:
+                    return ahead
+            return None
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

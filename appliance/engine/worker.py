@@ -67,7 +67,9 @@ class Worker(threading.Thread):
 
     def process(self, generator: ImageGenerator, batch: list[QueuedImage]) -> None:
         db = self.store.db()
-        jobs.mark_running(db, batch)
+        batch = jobs.mark_running(db, batch)
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             images = generator.generate([i.prompt for i in batch], [i.seed for i in batch],
