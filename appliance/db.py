@@ -165,3 +165,19 @@ def m001_initial(db: Database) -> None:
         CREATE INDEX audit_log_account ON audit_log(account_id, created_at);
         """
     )
+
+
+@migrations()
+def m002_console_sessions(db: Database) -> None:
+    # Server-side console sessions. Only a digest of the session id is stored,
+    # so the database cannot be used to take over a signed-in browser.
+    db.executescript(
+        """
+        CREATE TABLE console_sessions (
+            key_hash TEXT PRIMARY KEY,
+            value BLOB NOT NULL,
+            expires_at TEXT
+        );
+        CREATE INDEX console_sessions_expires ON console_sessions(expires_at);
+        """
+    )
