@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
 # AI Media Maker installer.
 #
-#   ./install.sh --dev          build .venv in this checkout (the README's commands)
-#   ./install.sh --dev --test   the same, with the test tools
+#   sudo ./install.sh [OPTIONS]          system install: a service user, code and virtual
+#                                        environment in /opt/ai-media-maker, config in
+#                                        /etc/ai-media-maker, data and models in
+#                                        /var/lib/ai-media-maker, the systemd unit
+#   ./install.sh --prefix DIR [OPTIONS]  everything under DIR, touching nothing else (no
+#                                        user, no unit): DIR/bin/appliance serve starts it
+#   ./install.sh --dev                   build .venv in this checkout (the README's commands)
+#   ./install.sh --dev --test            the same, with the test tools
+#   ./install.sh --uninstall [--purge] [--prefix DIR]
+#                                        remove the service and the code; config, data and
+#                                        models stay unless --purge (backups always stay)
+#
+# Running it again upgrades in place and keeps the config, the data and the model.
+#
+# Options:
+#   --model REPO_ID    the model to download (default: common-canvas/CommonCanvas-S-C)
+#   --model-dir DIR    copy this already downloaded model folder instead (offline servers)
+#   --no-model         install no model; the service then makes the tiny demo model
+#   --python PY        the Python 3.11+ to build the environment with (default: $PYTHON,
+#                      else python3)
+#   --reuse-packages   let the environment use the packages PY already has (a conda or
+#                      vendor Python with a CUDA torch, another installation's environment):
+#                      only what is missing gets installed
 #
 # Environment:
 #   PYTHON            the Python 3.11+ to build the virtual environment with (default: python3)
 #   TORCH_SPEC        the torch requirement when torch is missing (default: torch==2.13.0
 #                     without a GPU, torch with one)
 #   TORCH_INDEX_URL   an extra package index for torch, e.g. https://download.pytorch.org/whl/cpu
+#   pip's own settings apply too: PIP_INDEX_URL, or PIP_NO_INDEX=1 with PIP_FIND_LINKS=DIR
+#   to install from a folder of wheels on a server without internet access.
 #
 # Everything runs inside main(), so a truncated download of this script does nothing.
 set -eu
 
 say() { printf '\033[1m>>> %s\033[0m\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+warn() { printf '\033[1;33m>>> warning: %s\033[0m\n' "$*" >&2; }
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -eu/p' "$0" | sed '$d; s/^# \{0,1\}//'
 }
 
 has_nvidia_gpu() {
@@ -49,6 +73,32 @@ install_torch() {
     fi
 }
 
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 ||
+        die "install $* with this system's package manager, then run install.sh again"
+    local sudo=""
+    if [ "$(id -u)" != 0 ]; then
+        sudo=sudo
+    fi
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" || {
+        $sudo apt-get update && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"
+    }
+}
+
+install_test_tools() {
+    # The tests check the unit file with systemd-analyze.
+    if ! command -v systemd-analyze >/dev/null 2>&1; then
+        say "installing systemd's tools (the tests verify the unit file with them)"
+        apt_install systemd
+    fi
+    # The console's browser tests drive Debian's chromium through Playwright,
+    # which never downloads a browser of its own; a font keeps screenshots legible.
+    if ! command -v chromium >/dev/null 2>&1; then
+        say "installing chromium (the console's browser tests drive it)"
+        apt_install chromium fonts-dejavu-core
+    fi
+}
+
 install_dev() {
     local with_tests="$1"
     local root python venv
@@ -65,23 +115,334 @@ install_dev() {
     [ "$with_tests" = 1 ] && target="$root[test]"
     say "installing AI Media Maker into $venv"
     "$venv/bin/pip" install --quiet -e "$target"
+    if [ "$with_tests" = 1 ]; then
+        install_test_tools
+    fi
     say "done: run .venv/bin/appliance serve"
 }
 
+APP=ai-media-maker
+SERVICE_USER=ai-media-maker
+# CommonCanvas-S-C: Stable Diffusion 2 architecture at 512 px, trained only on
+# Creative Commons images that allow commercial use; weights under CC BY-SA 4.0.
+DEFAULT_MODEL=common-canvas/CommonCanvas-S-C
+
+# Where everything goes: the system's standard places, or one folder (--prefix).
+set_layout() {
+    local prefix="$1"
+    if [ -n "$prefix" ]; then
+        OPT_DIR="$prefix"
+        ETC_DIR="$prefix/etc"
+        STATE_DIR="$prefix/var/lib"
+        CACHE_DIR="$prefix/var/cache"
+        BACKUP_DIR="$prefix/var/backups"
+    else
+        OPT_DIR="/opt/$APP"
+        ETC_DIR="/etc/$APP"
+        STATE_DIR="/var/lib/$APP"
+        CACHE_DIR="/var/cache/$APP"
+        BACKUP_DIR="/var/backups/$APP"
+    fi
+    VENV="$OPT_DIR/venv"
+    WRAPPER="$OPT_DIR/bin/appliance"
+    CONFIG="$ETC_DIR/config.toml"
+    # Kept with the config, so that --purge still finds an installation whose code is gone.
+    MARKER="$ETC_DIR/.installed-by-install.sh"
+    UNIT="/etc/systemd/system/$APP.service"
+}
+
+absolute() {
+    case "$1" in
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s/%s\n' "$PWD" "$1" ;;
+    esac
+}
+
+systemd_runs() {
+    [ -d /run/systemd/system ]
+}
+
+create_user() {
+    if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
+        say "creating the system user $SERVICE_USER"
+        useradd --system --user-group --home-dir "$STATE_DIR" --no-create-home \
+            --shell /usr/sbin/nologin --comment "AI Media Maker" "$SERVICE_USER"
+    fi
+    # The GPU's device nodes belong to these groups on most distributions.
+    local group
+    for group in video render; do
+        if getent group "$group" >/dev/null 2>&1; then
+            usermod -a -G "$group" "$SERVICE_USER"
+        fi
+    done
+}
+
+make_dirs() {
+    local system="$1"
+    if [ "$system" = 1 ]; then
+        install -d -m 755 "$OPT_DIR" "$OPT_DIR/bin"
+        install -d -m 750 -o root -g "$SERVICE_USER" "$ETC_DIR"
+        install -d -m 750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$STATE_DIR" "$CACHE_DIR" "$BACKUP_DIR"
+    else
+        mkdir -p "$OPT_DIR/bin" "$ETC_DIR" "$STATE_DIR" "$CACHE_DIR" "$BACKUP_DIR"
+    fi
+}
+
+base_interpreter() {
+    "$1" -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))'
+}
+
+build_venv() {
+    local python="$1" reuse="$2"
+    if [ -x "$VENV/bin/python" ] && [ "$(base_interpreter "$VENV/bin/python")" != "$(base_interpreter "$python")" ]; then
+        say "rebuilding $VENV on $python"
+        rm -rf "$VENV"
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating the virtual environment $VENV"
+        if [ "$reuse" = 1 ]; then
+            # pip and the build tools come from PY's packages too (see below).
+            "$python" -m venv --without-pip "$VENV"
+        else
+            "$python" -m venv "$VENV"
+        fi
+    fi
+    local site
+    site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
+    if [ "$reuse" = 1 ]; then
+        # A .pth file appends PY's package folders to the environment's path: its own
+        # packages still come first, and pip installs only what PY lacks.
+        "$python" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
+            >"$site/_reused_packages.pth"
+        say "the environment reuses the packages of $python"
+    else
+        rm -f "$site/_reused_packages.pth"
+    fi
+    if ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+        "$VENV/bin/python" -m ensurepip --quiet
+    fi
+    if [ ! -x "$VENV/bin/pip" ]; then
+        printf '#!/bin/sh\nexec "%s/bin/python" -m pip "$@"\n' "$VENV" >"$VENV/bin/pip"
+        chmod 755 "$VENV/bin/pip"
+    fi
+}
+
+write_wrapper() {
+    local system="$1"
+    {
+        printf '#!/bin/sh\n'
+        printf '# Written by install.sh: the appliance command with this installation'"'"'s config.\n'
+        printf 'APPLIANCE_CONFIG="${APPLIANCE_CONFIG:-%s}"\n' "$CONFIG"
+        printf 'HF_HOME="${HF_HOME:-%s/huggingface}"\n' "$CACHE_DIR"
+        printf 'export APPLIANCE_CONFIG HF_HOME\n'
+        if [ "$system" = 1 ]; then
+            printf '# As root, run as the service user, so that the files it makes stay the service'"'"'s.\n'
+            printf 'if [ "$(id -u)" = 0 ]; then\n'
+            printf '    exec runuser -u %s -- "%s/bin/appliance" "$@"\n' "$SERVICE_USER" "$VENV"
+            printf 'fi\n'
+        fi
+        printf 'exec "%s/bin/appliance" "$@"\n' "$VENV"
+    } >"$WRAPPER.tmp"
+    chmod 755 "$WRAPPER.tmp"
+    mv "$WRAPPER.tmp" "$WRAPPER"
+    if [ "$system" = 1 ] && { [ ! -e /usr/local/bin/appliance ] || [ -L /usr/local/bin/appliance ]; }; then
+        ln -sfn "$WRAPPER" /usr/local/bin/appliance
+    fi
+}
+
+write_config() {
+    local root="$1" system="$2"
+    if [ -f "$CONFIG" ]; then
+        say "keeping the config $CONFIG"
+        return
+    fi
+    say "writing the config $CONFIG"
+    sed -e "s|^data_dir = \"data\"\$|data_dir = \"$STATE_DIR\"|" \
+        -e "s|^database = \"data/appliance.db\"\$|database = \"$STATE_DIR/appliance.db\"|" \
+        -e "s|^path = \"models/demo\"\$|path = \"$STATE_DIR/models/default\"|" \
+        "$root/config.toml" >"$CONFIG.tmp"
+    local expected
+    for expected in "data_dir = \"$STATE_DIR\"" "database = \"$STATE_DIR/appliance.db\"" \
+        "path = \"$STATE_DIR/models/default\""; do
+        grep -qxF "$expected" "$CONFIG.tmp" || {
+            rm -f "$CONFIG.tmp"
+            die "config.toml in the checkout no longer has the default paths this script rewrites"
+        }
+    done
+    if [ "$system" = 1 ]; then
+        chown "root:$SERVICE_USER" "$CONFIG.tmp"
+        chmod 640 "$CONFIG.tmp"
+    fi
+    mv "$CONFIG.tmp" "$CONFIG"
+}
+
+install_model() {
+    local system="$1" model="$2" model_dir="$3" no_model="$4"
+    local model_path
+    model_path="$("$VENV/bin/python" -c 'import sys; from appliance.config import load_config; print(load_config(sys.argv[1]).model.path)' "$CONFIG")"
+    if [ -f "$model_path/model_index.json" ]; then
+        say "keeping the model in $model_path"
+        return
+    fi
+    if [ -n "$model_dir" ]; then
+        [ -f "$model_dir/model_index.json" ] ||
+            die "$model_dir is not a diffusers model folder (it has no model_index.json)"
+        [ ! -e "$model_path" ] || die "$model_path exists but holds no model: remove it first"
+        say "copying the model from $model_dir to $model_path"
+        mkdir -p "$(dirname "$model_path")"
+        rm -rf "$model_path.partial"
+        cp -R "$model_dir" "$model_path.partial"
+        if [ "$system" = 1 ]; then
+            chown -R "$SERVICE_USER:$SERVICE_USER" "$(dirname "$model_path")"
+        fi
+        mv "$model_path.partial" "$model_path"
+        return
+    fi
+    if [ "$no_model" = 1 ]; then
+        warn "no model installed (--no-model): the service will make the tiny demo model in $model_path, whose images are noise"
+        return
+    fi
+    say "downloading $model into $model_path (several GB)"
+    "$WRAPPER" models pull "$model" "$model_path" ||
+        die "the download of $model failed (see above); re-run with --model-dir DIR to copy a model downloaded elsewhere, or with --no-model"
+}
+
+install_unit() {
+    local root="$1"
+    if ! systemd_runs; then
+        say "systemd is not running here: start the service with $WRAPPER serve (as root it runs as $SERVICE_USER)"
+        return
+    fi
+    install -m 644 "$root/systemd/$APP.service" "$UNIT"
+    systemctl daemon-reload
+    systemctl enable "$APP.service"
+    say "starting $APP (it reports ready once the model is loaded)"
+    systemctl restart "$APP.service" ||
+        die "the service did not start: see journalctl -u $APP -e, and run appliance doctor"
+    say "running: systemctl status $APP, journalctl -u $APP -f"
+}
+
+install_service() {
+    local prefix="$1" python="$2" reuse="$3" model="$4" model_dir="$5" no_model="$6"
+    local root system=1
+    root="$(cd "$(dirname "$0")" && pwd)"
+    [ -f "$root/pyproject.toml" ] || die "run install.sh from a checkout of AI Media Maker"
+    if [ -n "$prefix" ]; then system=0; fi
+    set_layout "$prefix"
+    check_python "$python"
+    if [ -n "$model_dir" ]; then
+        model_dir="$(absolute "$model_dir")"
+    fi
+    if [ "$system" = 1 ]; then
+        [ "$(id -u)" = 0 ] || die "the system install needs root: run it with sudo, or use --prefix DIR"
+        create_user
+    fi
+    make_dirs "$system"
+    build_venv "$python" "$reuse"
+    if [ "$system" = 1 ] && ! runuser -u "$SERVICE_USER" -- "$VENV/bin/python" -c '' 2>/dev/null; then
+        rm -rf "$VENV"
+        die "the user $SERVICE_USER cannot run $python (is it inside a private home folder?): pass --python with a system-wide Python, e.g. --python /usr/bin/python3"
+    fi
+    if has_nvidia_gpu; then
+        say "NVIDIA GPU found: $(nvidia-smi -L | head -n 1)"
+    else
+        warn "no NVIDIA GPU found (nvidia-smi): images will be generated on the CPU, slowly"
+    fi
+    install_torch "$VENV/bin/pip"
+    say "installing AI Media Maker into $VENV"
+    # pip always rebuilds and replaces a project installed from a folder, so a
+    # re-run upgrades the code even when the version number has not changed.
+    # Where the environment has the build tools already, the build uses them and
+    # asks no package index (an offline server, PIP_NO_INDEX=1).
+    local isolation=""
+    if "$VENV/bin/python" -c 'import sys; from importlib.metadata import version; sys.exit(int(version("setuptools").split(".")[0]) < 69)' 2>/dev/null; then
+        isolation=--no-build-isolation
+    fi
+    "$VENV/bin/pip" install --quiet $isolation "$root"
+    write_wrapper "$system"
+    write_config "$root" "$system"
+    printf 'layout=%s\nconfig=%s\ndata=%s\n' "$([ "$system" = 1 ] && echo system || echo prefix)" \
+        "$CONFIG" "$STATE_DIR" >"$MARKER"
+    "$WRAPPER" init
+    install_model "$system" "$model" "$model_dir" "$no_model"
+    if [ "$system" = 1 ]; then
+        install_unit "$root"
+    else
+        say "installed in $prefix: start it with $WRAPPER serve (config: $CONFIG)"
+    fi
+    say "check it at any time with: $WRAPPER doctor"
+}
+
+uninstall_service() {
+    local prefix="$1" purge="$2" system=1
+    if [ -n "$prefix" ]; then system=0; fi
+    set_layout "$prefix"
+    if [ "$system" = 1 ]; then
+        [ "$(id -u)" = 0 ] || die "--uninstall of the system install needs root: run it with sudo"
+    fi
+    [ -f "$MARKER" ] || die "nothing to uninstall: $ETC_DIR holds no installation made by install.sh"
+    if [ "$system" = 1 ] && [ -f "$UNIT" ]; then
+        if systemd_runs; then
+            systemctl disable --now "$APP.service" || true
+        fi
+        rm -f "$UNIT"
+        if systemd_runs; then
+            systemctl daemon-reload
+        fi
+    fi
+    if [ -L /usr/local/bin/appliance ] && [ "$(readlink /usr/local/bin/appliance)" = "$WRAPPER" ]; then
+        rm -f /usr/local/bin/appliance
+    fi
+    say "removing the code and the environment in $OPT_DIR"
+    rm -rf "$VENV" "$OPT_DIR/bin" "$CACHE_DIR"
+    if [ "$purge" = 1 ]; then
+        say "removing the config $ETC_DIR and the data and models in $STATE_DIR"
+        rm -rf "$ETC_DIR" "$STATE_DIR"
+        if [ "$system" = 1 ] && id -u "$SERVICE_USER" >/dev/null 2>&1; then
+            userdel "$SERVICE_USER" || warn "could not remove the user $SERVICE_USER"
+        fi
+        if [ -d "$BACKUP_DIR" ]; then
+            say "kept the backups in $BACKUP_DIR"
+        fi
+    else
+        say "kept the config in $ETC_DIR and the data and models in $STATE_DIR (--purge removes them)"
+    fi
+    rmdir "$OPT_DIR" 2>/dev/null || true
+}
+
 main() {
-    local mode="" with_tests=0
+    local mode=service with_tests=0 prefix="" purge=0 reuse=0 no_model=0
+    local python="${PYTHON:-python3}" model="$DEFAULT_MODEL" model_dir=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --dev) mode=dev ;;
             --test) with_tests=1 ;;
+            --uninstall) mode=uninstall ;;
+            --purge) purge=1 ;;
+            --prefix) [ $# -ge 2 ] || die "--prefix needs a folder"; prefix="$(absolute "$2")"; shift ;;
+            --python) [ $# -ge 2 ] || die "--python needs an interpreter"; python="$2"; shift ;;
+            --reuse-packages) reuse=1 ;;
+            --model) [ $# -ge 2 ] || die "--model needs a Hugging Face model id"; model="$2"; shift ;;
+            --model-dir) [ $# -ge 2 ] || die "--model-dir needs a folder"; model_dir="$2"; shift ;;
+            --no-model) no_model=1 ;;
             -h|--help) usage; exit 0 ;;
             *) die "unknown option $1 (see --help)" ;;
         esac
         shift
     done
+    if [ "$with_tests" = 1 ] && [ "$mode" != dev ]; then
+        die "--test goes with --dev"
+    fi
+    if [ "$purge" = 1 ] && [ "$mode" != uninstall ]; then
+        die "--purge goes with --uninstall"
+    fi
+    if [ "$mode" = dev ] && [ -n "$prefix" ]; then
+        die "--dev builds .venv in the checkout; it takes no --prefix"
+    fi
     case "$mode" in
         dev) install_dev "$with_tests" ;;
-        *) die "only the developer install (--dev) is available in this version; see README.md" ;;
+        uninstall) uninstall_service "$prefix" "$purge" ;;
+        service) install_service "$prefix" "$python" "$reuse" "$model" "$model_dir" "$no_model" ;;
     esac
 }
 

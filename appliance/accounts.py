@@ -153,3 +153,52 @@ def ledger_total(db: Database, account_id: int) -> int:
     return db.execute(
         "SELECT COALESCE(SUM(delta), 0) FROM credit_ledger WHERE account_id = ?", [account_id]
     ).fetchone()[0]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    delta: int
+    balance_after: int
+    reason: str
+    job_id: str | None
+    created_at: str
+
+
+def list_accounts(db: Database) -> list[Account]:
+    return [_account_from_row(row) for row in db.query("SELECT * FROM accounts ORDER BY email")]
+
+
+def ledger(db: Database, account_id: int, limit: int = 20) -> list[LedgerEntry]:
+    """The account's latest credit changes, newest first."""
+    return [
+        LedgerEntry(*row)
+        for row in db.execute(
+            "SELECT delta, balance_after, reason, job_id, created_at FROM credit_ledger"
+            " WHERE account_id = ? ORDER BY id DESC LIMIT ?",
+            [account_id, limit],
+        )
+    ]
+
+
+def set_disabled(db: Database, account_id: int, disabled: bool, actor: audit.Actor) -> Account:
+    """Disables (or enables again) an account: its keys and console sign-ins stop working."""
+    account = get_account(db, account_id)
+    if account.disabled == disabled:
+        return account
+    with immediate(db):
+        db.execute("UPDATE accounts SET disabled_at = ? WHERE id = ?",
+                   [utc_now() if disabled else None, account_id])
+        audit.record(db, "account.disable" if disabled else "account.enable", actor,
+                     account_id=account_id, details={"email": account.email})
+    return get_account(db, account_id)
+
+
+def make_admin(db: Database, account_id: int, actor: audit.Actor) -> Account:
+    account = get_account(db, account_id)
+    if account.is_admin:
+        return account
+    with immediate(db):
+        db.execute("UPDATE accounts SET is_admin = 1 WHERE id = ?", [account_id])
+        audit.record(db, "account.admin", actor, account_id=account_id,
+                     details={"email": account.email})
+    return get_account(db, account_id)

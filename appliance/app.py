@@ -13,13 +13,18 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from .api.auth import ApiKeyMiddleware
 from .api.errors import EXCEPTION_HANDLERS
+from .api.health import metrics, readyz
 from .api.images import ImagesController
+from .api.limits import AllowedHostsMiddleware, HostPolicy, KeyRateLimiter
+from .api.openai_compat import OpenAIController, openai_errors_on_v1
 from .config import Config
+from .console import ConsolePlugin
 from .db import Store
 from .engine import Engine
 from .engine.worker import ImageGenerator
 from .jobs import GenerationSettings
 from .keys import LastUsedRecorder
+from .operations import HTTP_METRICS, operations_lifespan
 
 
 def package_version() -> str:
@@ -40,7 +45,7 @@ def create_app(config: Config,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        store = Store(config.storage.database)
+        store = Store(config.storage.database, config.storage.busy_timeout_seconds)
         engine = Engine(config, store, load_generator)
         app.state.store = store
         app.state.engine = engine
@@ -51,17 +56,25 @@ def create_app(config: Config,
             engine.stop()
             store.close()
 
-    api = Router(path="/", route_handlers=[ImagesController], middleware=[ApiKeyMiddleware])
+    api = Router(path="/", route_handlers=[ImagesController, OpenAIController],
+                 middleware=[ApiKeyMiddleware])
     generation = config.generation
     return Litestar(
-        route_handlers=[healthz, api],
-        lifespan=[lifespan],
-        exception_handlers=EXCEPTION_HANDLERS,
+        route_handlers=[healthz, readyz, metrics, api],
+        # The scheduler and metrics start after the store and engine, and stop before them.
+        lifespan=[lifespan, operations_lifespan()],
+        # The web console: its routes, sessions, CSRF protection and templates.
+        plugins=[ConsolePlugin(config)],
+        exception_handlers=openai_errors_on_v1(EXCEPTION_HANDLERS),
         # The process configures logging once (cli.py); one format in the journal.
         logging_config=None,
+        middleware=[HTTP_METRICS.middleware,
+                    AllowedHostsMiddleware(HostPolicy.for_server(config.server))],
+        request_max_body_size=config.limits.max_request_bytes,
         state=State({
             "config": config,
             "last_used": LastUsedRecorder(),
+            "rate_limiter": KeyRateLimiter(config.limits.requests_per_minute_per_key),
             "default_settings": GenerationSettings(generation.width, generation.height,
                                                    generation.steps, generation.guidance_scale),
         }),

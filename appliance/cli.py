@@ -14,6 +14,7 @@ from . import accounts, audit, keys
 from .config import Config, ConfigError, load_config
 from .db import Store
 from .errors import ApplianceError
+from .logs import configure_logging
 
 log = logging.getLogger("appliance")
 
@@ -102,6 +103,68 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("repo_id", help="e.g. stable-diffusion-v1-5/stable-diffusion-v1-5")
     pull.add_argument("dir", type=Path, nargs="?", help="target folder (default: model.path)")
     pull.add_argument("--revision", help="a branch, tag or commit")
+
+    gen = command("generate", cmd_generate,
+                  "generate images through a running server's API and save the PNGs"
+                  " (the key comes from $AI_MEDIA_MAKER_API_KEY)")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one image per prompt")
+    gen.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                     help="folder for the PNGs (default: the current one)")
+    gen.add_argument("--url", help="the server (default: $AI_MEDIA_MAKER_URL, else the one"
+                                   " config.toml describes, http://127.0.0.1:8000)")
+    gen.add_argument("--negative-prompt", metavar="TEXT", help="what the images should not show")
+    gen.add_argument("--width", type=_whole_number, help="pixels, a multiple of 8")
+    gen.add_argument("--height", type=_whole_number, help="pixels, a multiple of 8")
+    gen.add_argument("--steps", type=_whole_number, help="denoising steps")
+    gen.add_argument("--guidance-scale", type=float, metavar="SCALE", help="guidance scale")
+    gen.add_argument("--seed", type=_whole_number,
+                     help="base seed: image i uses seed + i, so a run can be repeated")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    backup = command("backup", cmd_backup, "copy the database (online, while the service runs),"
+                     " the images and the secret into a new folder")
+    backup.add_argument("path", type=Path, help="the folder to create")
+    restore = command("restore", cmd_restore, "replace the data with a backup's; the service must"
+                      " be stopped (the data replaced is moved aside, not deleted)")
+    restore.add_argument("path", type=Path, help="a folder made by `appliance backup`")
+    command("doctor", cmd_doctor, "check the GPU, driver, model, database and config, and say"
+            " what is wrong")
+
+    bench = command("bench", cmd_bench,
+                    "time the plain diffusers loop against the appliance end to end, on the same"
+                    " model and settings (defaults: the config's); see BENCHMARKS.md")
+    bench.add_argument("--model", type=Path, metavar="DIR", help="model folder")
+    bench.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    bench.add_argument("--devices", help="the appliance's GPUs: all, or cuda:0,cuda:1,...")
+    bench.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    bench.add_argument("--width", type=_whole_number)
+    bench.add_argument("--height", type=_whole_number)
+    bench.add_argument("--steps", type=_whole_number)
+    bench.add_argument("--guidance", type=float, metavar="SCALE")
+    bench.add_argument("--batch-size", type=_whole_number)
+    bench.add_argument("--batch-window", type=float, metavar="SECONDS")
+    bench.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune",
+                                             "max-autotune-no-cudagraphs"])
+    bench.add_argument("--vae-decode-chunk", type=_whole_number, metavar="N")
+    bench.add_argument("--tiny-vae", metavar="DIR", help="a folder with an AutoencoderTiny")
+    bench.add_argument("--png-compress-level", type=_whole_number, metavar="LEVEL")
+    bench.add_argument("--png-threads", type=_whole_number, metavar="N")
+    bench.add_argument("--images", type=_whole_number, default=64,
+                       help="images the appliance makes (default: 64)")
+    bench.add_argument("--baseline-images", type=_whole_number, default=8,
+                       help="images the plain loop makes (default: 8)")
+    bench.add_argument("--clients", type=_whole_number, default=4,
+                       help="concurrent clients, an account each (default: 4)")
+    bench.add_argument("--job-size", type=_whole_number, default=8,
+                       help="prompts per job (default: 8)")
+    bench.add_argument("--peak-tflops", type=float, default=790.0,
+                       help="the GPU's dense half-precision peak, for the compute fraction"
+                            " (default: 790, an H100 or H200 SXM)")
+    bench.add_argument("--json", type=Path, metavar="FILE",
+                       help="results file (default: bench/results/<time>.json)")
+    bench.add_argument("--markdown", type=Path, default=Path("BENCHMARKS.md"), metavar="FILE",
+                       help="table to append a row to (default: BENCHMARKS.md)")
+    bench.add_argument("--no-record", action="store_true", help="only print the figures")
     return parser
 
 
@@ -110,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(getattr(args, "config", None))
+        configure_logging(config.logging)
         return args.handler(args, config) or 0
     except (ConfigError, ApplianceError, CommandError) as exc:
         print(f"appliance: {exc}", file=sys.stderr)
@@ -119,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _store(config: Config) -> Store:
-    return Store(config.storage.database)
+    return Store(config.storage.database, config.storage.busy_timeout_seconds)
 
 
 def cmd_init(args, config: Config) -> int:
@@ -131,19 +195,59 @@ def cmd_init(args, config: Config) -> int:
 
 
 def cmd_serve(args, config: Config) -> int:
-    import uvicorn
-
-    from .app import create_app
+    from .service import run_service
     from .setup import initialise
 
     for line in initialise(config):
         log.info("%s", line)
     host = args.host or config.server.host
     port = args.port or config.server.port
-    # log_config=None: uvicorn's records go through the root logger's format.
-    uvicorn.run(create_app(config), host=host, port=port, log_config=None,
-                timeout_graceful_shutdown=30)
+    return run_service(config, host, port)
+
+
+def _file_problem(exc: OSError) -> CommandError:
+    # Run through the installed `appliance` as root, commands run as the service
+    # user: a folder only root may write is the usual cause.
+    return CommandError(f"{exc.filename or 'a file'}: {exc.strerror or exc}"
+                        f" (running as {getpass.getuser()})")
+
+
+def cmd_backup(args, config: Config) -> int:
+    from .backup import create_backup
+
+    try:
+        summary = create_backup(config, args.path)
+    except OSError as exc:
+        raise _file_problem(exc) from None
+    print(f"backed up {summary.rows.get('jobs', 0)} jobs, {summary.rows.get('accounts', 0)}"
+          f" accounts and {summary.images} images to {summary.path} (integrity check: ok)")
     return 0
+
+
+def cmd_restore(args, config: Config) -> int:
+    from .backup import restore_backup
+
+    try:
+        summary = restore_backup(config, args.path)
+    except OSError as exc:
+        raise _file_problem(exc) from None
+    print(f"restored {summary.rows.get('jobs', 0)} jobs, {summary.rows.get('accounts', 0)}"
+          f" accounts and {summary.images} images from {args.path}")
+    if summary.previous:
+        print(f"the data it replaced is kept in {summary.previous}; delete it once the service"
+              " works with the restored data")
+    return 0
+
+
+def cmd_doctor(args, config: Config) -> int:
+    from .doctor import PROBLEM, diagnose
+
+    findings = diagnose(config)
+    for finding in findings:
+        print(f"{finding.level:<8} {finding.area:<9} {finding.text}")
+    problems = sum(finding.level == PROBLEM for finding in findings)
+    print(f"{problems} problem(s) found" if problems else "no problems found")
+    return 1 if problems else 0
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -219,6 +323,82 @@ def cmd_models_synth(args, config: Config) -> int:
     except FileExistsError:
         raise CommandError(f"{args.dir} already exists and is not empty") from None
     print(f"wrote a {args.size} pipeline with random weights to {path}")
+    return 0
+
+
+def cmd_generate(args, config: Config) -> int:
+    from .client import Client, ClientError, api_key, default_url, generate
+
+    # httpx logs every request at INFO; here that would bury the progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    body: dict = {"prompts": args.prompts}
+    for option, name in (("negative_prompt", "negativePrompt"), ("width", "width"),
+                         ("height", "height"), ("steps", "steps"),
+                         ("guidance_scale", "guidanceScale"), ("seed", "seed")):
+        if getattr(args, option) is not None:
+            body[name] = getattr(args, option)
+    try:
+        client = Client(args.url or default_url(config), api_key())
+        try:
+            outcome = generate(client, body, args.out, show_progress=not args.quiet)
+        finally:
+            client.close()
+    except ClientError as exc:
+        raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        print("appliance: interrupted; the images not yet started were cancelled and refunded",
+              file=sys.stderr)
+        return 130
+    for path in outcome.saved:
+        print(path)
+    total = len(args.prompts)
+    if len(outcome.saved) < total:
+        problems = outcome.failed + ([f"{outcome.cancelled} cancelled"] if outcome.cancelled else [])
+        problems += [f"{outcome.pending} still pending"] if outcome.pending else []
+        raise CommandError(f"{len(outcome.saved)} of {total} images saved (job {outcome.job_id});"
+                           f" {'; '.join(problems)}")
+    return 0
+
+
+def cmd_bench(args, config: Config) -> int:
+    import json
+    from datetime import datetime
+
+    from .bench import append_markdown, check_options, options_from, report_lines, run_benchmark
+
+    devices = args.devices
+    if devices and devices != "all":
+        devices = tuple(name.strip() for name in devices.split(",") if name.strip())
+    options = options_from(
+        config, model=args.model, device=args.device, devices=devices, dtype=args.dtype,
+        width=args.width, height=args.height, steps=args.steps, guidance=args.guidance,
+        batch_size=args.batch_size, batch_window=args.batch_window, compile=args.compile,
+        vae_decode_chunk=args.vae_decode_chunk,
+        tiny_vae=str(Path(args.tiny_vae).resolve()) if args.tiny_vae else None,
+        png_compress_level=args.png_compress_level, png_threads=args.png_threads,
+        images=args.images, baseline_images=args.baseline_images, clients=args.clients,
+        job_size=args.job_size, peak_tflops=args.peak_tflops)
+    problem = check_options(options)
+    if args.model and not (args.model / "model_index.json").is_file():
+        # Only the configured model.path is made (the demo model) when missing.
+        problem = f"{args.model} is not a diffusers model folder (no model_index.json)"
+    if problem:
+        raise CommandError(problem)
+    # Each request would otherwise be logged at INFO among the figures.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        result = run_benchmark(options)
+    except RuntimeError as exc:
+        raise CommandError(f"the benchmark failed: {exc}") from None
+    for line in report_lines(result):
+        print(line)
+    if not args.no_record:
+        path = args.json or Path("bench/results") / (
+            datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{result['architecture']}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        append_markdown(args.markdown, result)
+        print(f"results: {path}; a row was added to {args.markdown}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -22,13 +23,18 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def open_database(path: Path) -> Database:
+def utc_iso(moment: datetime) -> str:
+    """An aware datetime in utc_now()'s format, e.g. for an expiry time."""
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def open_database(path: Path, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS) -> Database:
     path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_SECONDS)
+    conn = sqlite3.connect(str(path), timeout=busy_timeout_seconds)
     db = Database(conn)
     with db.ensure_autocommit_on():
         db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
     db.execute("PRAGMA foreign_keys=ON")
     # WAL with synchronous=NORMAL stays consistent after a crash; a power cut
     # may only lose the last commits, which the job recovery tolerates.
@@ -45,16 +51,43 @@ def immediate(db: Database) -> Iterator[Database]:
     """A write transaction that takes the write lock up front.
 
     Read-then-write sequences (check credits, then charge) must not start as
-    readers: two of them could both read the old balance.
+    readers: two of them could both read the old balance. Inside another
+    `immediate` block it joins that transaction through a savepoint, so a
+    caller can make several services' writes one all-or-nothing unit.
     """
+    if db.conn.in_transaction:
+        with _savepoint(db):
+            yield db
+        return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
-    except BaseException:
-        db.rollback()
-        raise
-    else:
+        # A COMMIT can fail too (a full disk); what it leaves open is rolled back below.
         db.commit()
+    except BaseException:
+        # The original error matters, not a failed rollback (SQLite may have
+        # rolled back by itself already).
+        with contextlib.suppress(sqlite3.Error):
+            db.rollback()
+        raise
+
+
+@contextlib.contextmanager
+def _savepoint(db: Database) -> Iterator[None]:
+    name = f"nested_{next(_savepoint_numbers)}"
+    db.conn.execute(f"SAVEPOINT {name}")
+    try:
+        yield
+    except BaseException:
+        if db.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.conn.execute(f"ROLLBACK TO {name}")
+                db.conn.execute(f"RELEASE {name}")
+        raise
+    db.conn.execute(f"RELEASE {name}")
+
+
+_savepoint_numbers = itertools.count()
 
 
 class Store:
@@ -64,8 +97,9 @@ class Store:
     thread pool, the event loop and the engine worker each get their own.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS):
         self.path = path
+        self.busy_timeout_seconds = busy_timeout_seconds
         self._local = threading.local()
         self._all: list[Database] = []
         self._lock = threading.Lock()
@@ -74,7 +108,7 @@ class Store:
     def db(self) -> Database:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = open_database(self.path)
+            db = open_database(self.path, self.busy_timeout_seconds)
             self._local.db = db
             with self._lock:
                 self._all.append(db)
@@ -179,5 +213,33 @@ def m002_console_sessions(db: Database) -> None:
             expires_at TEXT
         );
         CREATE INDEX console_sessions_expires ON console_sessions(expires_at);
+        """
+    )
+
+
+@migrations()
+def m003_job_base_seed(db: Database) -> None:
+    # The base seed a client asked for, echoed in the job's status; NULL when
+    # each image drew its own random seed.
+    db.execute("ALTER TABLE jobs ADD COLUMN seed INTEGER")
+
+
+@migrations()
+def m004_idempotency_keys(db: Database) -> None:
+    # The first answer to each POST that carried an Idempotency-Key, so that a
+    # retry gets it again instead of a second charge. Only a digest of the
+    # client's key is kept; rows older than a day are ignored, then deleted.
+    db.executescript(
+        """
+        CREATE TABLE idempotency_keys (
+            account_id INTEGER NOT NULL REFERENCES accounts(id),
+            key_hash TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            response TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            PRIMARY KEY (account_id, key_hash)
+        );
+        CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
         """
     )

@@ -29,12 +29,24 @@ class InsufficientCredits(ApplianceError):
         super().__init__("Insufficient credits")
 
 
+class Forbidden(ApplianceError):
+    status = 403
+
+
 class NotFound(ApplianceError):
     status = 404
 
 
 class Conflict(ApplianceError):
     status = 409
+
+
+class TooManyRequests(ApplianceError):
+    status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
 
 
 class ServiceUnavailable(ApplianceError):

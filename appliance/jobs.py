@@ -1,8 +1,13 @@
 """Bulk image jobs: submit (validate, charge, persist, enqueue), read, finish, refund.
 
-An image row moves queued -> running -> completed | failed. A failed image is
-refunded in the transaction that marks it failed, so credits_used minus
+An image row moves queued -> running -> completed | failed, or queued ->
+cancelled when its owner cancels it before it starts. A failed or cancelled
+image is refunded in the transaction that marks it, so credits_used minus
 credits_refunded is always what the account paid for images it received.
+
+A job is queued until one of its images starts, then processing; once every
+image has ended it is completed (at least one image was made), failed (none
+was made and at least one failed) or cancelled (every image was cancelled).
 """
 
 from __future__ import annotations
@@ -23,18 +28,22 @@ from .db import immediate, utc_now
 from .errors import BadRequest, NotFound
 
 QUEUED, RUNNING, COMPLETED, FAILED = "queued", "running", "completed", "failed"
+CANCELLED = "cancelled"
 PROCESSING = "processing"  # a job some of whose images have started
 MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What every image in one pipeline call must share."""
+    """What every image in one pipeline call must share: equal settings batch together."""
 
     width: int
     height: int
     steps: int
     guidance_scale: float
+    # None: the pipeline's own empty unconditional prompt. A default, so the
+    # settings of jobs stored before it existed still load.
+    negative_prompt: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -62,6 +71,9 @@ class Submitted:
     credits_used: int
     credits: int
     images: list[QueuedImage]
+    # True when this is the first answer to an Idempotency-Key again: nothing
+    # was charged or queued this time (see admission.py).
+    replayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class JobView:
     finished_at: str | None
     settings: GenerationSettings
     images: list[ImageView]
+    cancelled_images: int = 0
+    seed: int | None = None  # the base seed asked for, None when each image drew its own
 
 
 def check_prompts(prompts: list[str], limits: LimitsConfig) -> list[str]:
@@ -117,6 +131,7 @@ def submit(
     api_key_id: int | None,
     prompts: list[str],
     settings: GenerationSettings,
+    seed: int | None = None,
 ) -> Submitted:
     """Charges one credit an image and writes the job, all in one transaction.
 
@@ -126,13 +141,13 @@ def submit(
     job_id = str(uuid.uuid4())
     now = utc_now()
     count = len(prompts)
-    seeds = [secrets.randbelow(MAX_SEED + 1) for _ in prompts]
+    seeds = image_seeds(count, seed)
     with immediate(db):
         # The job row first: the ledger row refers to it.
         db.execute(
             "INSERT INTO jobs (id, account_id, api_key_id, status, total_images, credits_used,"
-            " settings, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [job_id, account_id, api_key_id, QUEUED, count, count, settings.to_json(), now],
+            " settings, seed, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [job_id, account_id, api_key_id, QUEUED, count, count, settings.to_json(), seed, now],
         )
         balance = change_credits(db, account_id, -count, "image job", job_id)
         image_ids = [
@@ -147,6 +162,13 @@ def submit(
         for i, (image_id, prompt, seed) in enumerate(zip(image_ids, prompts, seeds))
     ]
     return Submitted(job_id, count, count, balance, images)
+
+
+def image_seeds(count: int, base_seed: int | None) -> list[int]:
+    """Image i gets base_seed + i, wrapping past MAX_SEED to 0; without a base, random seeds."""
+    if base_seed is None:
+        return [secrets.randbelow(MAX_SEED + 1) for _ in range(count)]
+    return [(base_seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
 def _job_row(db: Database, account_id: int, job_id: str) -> dict:
@@ -185,6 +207,8 @@ def get_job(db: Database, account_id: int, job_id: str) -> JobView:
         finished_at=job["finished_at"],
         settings=GenerationSettings.from_json(job["settings"]),
         images=images,
+        cancelled_images=counts[CANCELLED],
+        seed=job["seed"],
     )
 
 
@@ -254,18 +278,41 @@ def mark_failed(db: Database, images: Iterable[QueuedImage], error: str) -> None
         _settle_jobs(db, {i.job_id for i in images}, now)
 
 
+def cancel(db: Database, account_id: int, job_id: str) -> int:
+    """Cancels the job's images not yet started and refunds them; returns how many.
+
+    Images already running finish and stay paid for. Safe to repeat: a second
+    call finds nothing queued and refunds nothing.
+    """
+    now = utc_now()
+    with immediate(db):
+        _job_row(db, account_id, job_id)
+        # The worker starts an image only while it is still queued (mark_running),
+        # so an image cancelled here is never generated, even if already dequeued.
+        count = db.execute(
+            "UPDATE job_images SET status = ?, finished_at = ? WHERE job_id = ? AND status = ?",
+            [CANCELLED, now, job_id, QUEUED],
+        ).rowcount
+        if count:
+            db.execute("UPDATE jobs SET credits_refunded = credits_refunded + ? WHERE id = ?",
+                       [count, job_id])
+            change_credits(db, account_id, count, "refund: image cancelled", job_id)
+            _settle_jobs(db, {job_id}, now)
+    return count
+
+
 def _settle_jobs(db: Database, job_ids: set[str], now: str) -> None:
-    """Marks jobs whose images have all ended as completed (or failed, if none succeeded)."""
+    """Gives jobs whose images have all ended their final status (see the module's text)."""
     for job_id in job_ids:
-        open_count, completed = db.execute(
-            "SELECT SUM(status IN (?, ?)), SUM(status = ?) FROM job_images WHERE job_id = ?",
-            [QUEUED, RUNNING, COMPLETED, job_id],
+        open_count, completed, failed = db.execute(
+            "SELECT SUM(status IN (?, ?)), SUM(status = ?), SUM(status = ?)"
+            " FROM job_images WHERE job_id = ?",
+            [QUEUED, RUNNING, COMPLETED, FAILED, job_id],
         ).fetchone()
         if open_count == 0:
-            db.execute(
-                "UPDATE jobs SET status = ?, finished_at = ? WHERE id = ?",
-                [COMPLETED if completed else FAILED, now, job_id],
-            )
+            status = COMPLETED if completed else FAILED if failed else CANCELLED
+            db.execute("UPDATE jobs SET status = ?, finished_at = ? WHERE id = ?",
+                       [status, now, job_id])
 
 
 def unfinished_images(db: Database) -> list[QueuedImage]:
@@ -290,3 +337,53 @@ def unfinished_images(db: Database) -> list[QueuedImage]:
                     GenerationSettings.from_json(r["settings"]))
         for r in rows
     ]
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A job as the console lists it: counts and its images, without settings."""
+
+    job_id: str
+    status: str
+    total_images: int
+    completed_images: int
+    credits_used: int
+    credits_refunded: int
+    created_at: str
+    finished_at: str | None
+    images: list[ImageView]
+
+
+def list_jobs(db: Database, account_id: int, limit: int = 20, offset: int = 0) -> list[JobSummary]:
+    """The account's jobs, newest first."""
+    rows = list(db.query(
+        "SELECT * FROM jobs WHERE account_id = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+        [account_id, limit, offset]))
+    images: dict[str, list[ImageView]] = defaultdict(list)
+    if rows:
+        marks = ", ".join("?" for _ in rows)
+        for r in db.query(
+            "SELECT job_id, idx, prompt, status, seed, error, finished_at FROM job_images"
+            f" WHERE job_id IN ({marks}) ORDER BY job_id, idx",
+            [row["id"] for row in rows],
+        ):
+            images[r["job_id"]].append(ImageView(r["idx"], r["prompt"], r["status"], r["seed"],
+                                                 r["error"], r["finished_at"]))
+    return [
+        JobSummary(
+            job_id=row["id"],
+            status=row["status"],
+            total_images=row["total_images"],
+            completed_images=sum(i.status == COMPLETED for i in images[row["id"]]),
+            credits_used=row["credits_used"],
+            credits_refunded=row["credits_refunded"],
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+            images=images[row["id"]],
+        )
+        for row in rows
+    ]
+
+
+def count_jobs(db: Database, account_id: int) -> int:
+    return db.execute("SELECT COUNT(*) FROM jobs WHERE account_id = ?", [account_id]).fetchone()[0]

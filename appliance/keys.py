@@ -102,7 +102,18 @@ def delete_key(db: Database, account_id: int, prefix: str, actor: audit.Actor,
         raise NotFound(f"no live key with prefix {prefix}" + (f" named {name!r}" if name else ""))
     if len(matches) > 1:
         raise Conflict(f"{len(matches)} live keys have prefix {prefix}; say which by its name")
-    key = matches[0]
+    return _soft_delete(db, account_id, matches[0], actor)
+
+
+def delete_key_by_id(db: Database, account_id: int, key_id: int, actor: audit.Actor) -> KeyInfo:
+    """Soft-deletes one of the account's live keys, named by its id (the console's Delete)."""
+    matches = [k for k in list_keys(db, account_id) if k.id == key_id]
+    if not matches:
+        raise NotFound("No such key: it may have been deleted already")
+    return _soft_delete(db, account_id, matches[0], actor)
+
+
+def _soft_delete(db: Database, account_id: int, key: KeyInfo, actor: audit.Actor) -> KeyInfo:
     with immediate(db):
         db.execute("UPDATE api_keys SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL",
                    [utc_now(), key.id])

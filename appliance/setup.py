@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 from .config import Config
 from .db import migrate, migrations, open_database
@@ -25,9 +26,20 @@ def initialise(config: Config) -> Iterator[str]:
         yield f"created database {config.storage.database}"
     elif pending:
         yield f"upgraded database {config.storage.database}: {', '.join(pending)}"
-    if not config.secret_file.exists():
-        # Signs console sessions; created with owner-only permissions from the start.
-        fd = os.open(config.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
+    if make_secret_file(config.secret_file):
         yield f"created {config.secret_file}"
+
+
+def make_secret_file(path: Path) -> bool:
+    """Creates the secret unless it exists; True when it was made now."""
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Signs the console's CSRF tokens; created with owner-only permissions from the start.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it just now
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32))
+    return True

@@ -13,6 +13,9 @@ from appliance.config import Config, config_from_dict
 from appliance.db import Store
 from appliance.engine.synth import synthesize
 
+# Every key and password the suite makes, and every log line, for test_secrets.py.
+from .secret_watch import pytest_collection_modifyitems, secret_watch  # noqa: F401
+
 # Small images and few steps keep the real pipeline fast on a CPU.
 TEST_GENERATION = {"width": 64, "height": 64, "steps": 2, "guidance_scale": 7.5}
 
@@ -30,6 +33,8 @@ def make_config(tmp_path, tiny_model) -> Callable[..., Config]:
                         "database": str(tmp_path / "data" / "appliance.db")},
             "model": {"path": str(tiny_model), "device": "cpu"},
             "generation": dict(TEST_GENERATION),
+            # The host name Litestar's TestClient sends; any other name is refused.
+            "server": {"allowed_hosts": "testserver.local"},
         }
         for name, values in sections.items():
             raw.setdefault(name, {}).update(values)

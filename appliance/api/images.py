@@ -1,19 +1,28 @@
-"""POST and GET of bulk image jobs, and the PNGs they make."""
+"""Bulk image jobs: submit, read, follow live, cancel, and the PNGs they make."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, get, post
+import anyio.to_thread
+from litestar import Controller, Request, delete, get, post
+from litestar.datastructures import State
 from litestar.openapi.spec import SecurityRequirement
 from litestar.params import FromPath, JSONBody
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.response import File
+from litestar.response import File, Response, ServerSentEvent
 
-from .. import jobs
+from .. import admission, idempotency, jobs, parameters
+from .idempotent import IdempotentOperation
+from .idempotent import from_request as idempotent_request
 from ..keys import KeyOwner
-from .schemas import (CreateImagesRequest, CreateImagesResponse, ErrorBody, JobImage,
-                      JobResponse)
+from . import progress
+from .schemas import CreateImagesRequest, CreateImagesResponse, ErrorBody, JobResponse
+from .views import job_response
+
+# How the native API names each generation parameter in its errors.
+CAMEL_NAMES = {"width": "width", "height": "height", "steps": "steps",
+               "guidance_scale": "guidanceScale", "negative_prompt": "negativePrompt"}
 
 BEARER: list[SecurityRequirement] = [{"apiKey": []}]
 
@@ -24,11 +33,27 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
         401: "Missing or invalid Authorization header / Invalid API key format / Invalid API key.",
         402: "Insufficient credits: the account cannot pay for every image of the request.",
         404: "No such job for this account (another account's job is answered the same).",
-        503: "The queue cannot take the whole job now; retry after `Retry-After` seconds."
+        413: "The request body is larger than limits.max_request_bytes. Nothing is charged.",
+        422: "The Idempotency-Key was used before with a different request. Nothing is charged.",
+        429: "Too many requests with this key (limits.requests_per_minute_per_key), or too many"
+             " of the account's images still pending; retry after `Retry-After` seconds."
              " Nothing is charged.",
+        503: "The queue cannot take the whole job now, or the database is busy or its disk"
+             " full; retry after `Retry-After` seconds. Nothing is charged.",
     }
     return {code: ResponseSpec(data_container=ErrorBody, description=meaning[code])
             for code in codes}
+
+
+def submit_job(state: State, owner: KeyOwner, prompts: list[str],
+               settings: jobs.GenerationSettings, seed: int | None,
+               idempotent: idempotency.IdempotentRequest | None = None) -> jobs.Submitted:
+    """The one way a job is charged and queued, for both the native and the /v1 API."""
+    db = state.store.db()
+    return admission.admit(
+        db, state.engine.queue, owner.account_id, len(prompts),
+        state.config.limits.max_pending_images_per_account, idempotent,
+        lambda: jobs.submit(db, owner.account_id, owner.key_id, prompts, settings, seed))
 
 
 class ImagesController(Controller):
@@ -41,62 +66,79 @@ class ImagesController(Controller):
         status_code=200,
         sync_to_thread=True,
         summary="Generate images from text prompts",
-        description="Each image costs 1 credit, deducted for the whole request before it is queued.",
-        responses=error_responses(400, 401, 402, 503),
+        description="Each image costs 1 credit, deducted for the whole request before it is"
+                    " queued. Only `prompts` is required; the generation parameters default to"
+                    " config.toml's [generation] and a value outside its bounds is refused"
+                    " with 400 naming the field and the allowed range.",
+        responses=error_responses(400, 401, 402, 413, 422, 429, 503),
+        operation_class=IdempotentOperation,
     )
-    def create(self, request: Request[KeyOwner, Any, Any], data: JSONBody[CreateImagesRequest]) -> CreateImagesResponse:
+    def create(self, request: Request[KeyOwner, Any, Any],
+               data: JSONBody[CreateImagesRequest]) -> Response[CreateImagesResponse]:
         state = request.app.state
-        prompts = jobs.check_prompts(data.prompts, state.config.limits)
-        queue = state.engine.queue
-        queue.reserve(len(prompts))
-        try:
-            submitted = jobs.submit(state.store.db(), request.user.account_id, request.user.key_id,
-                                    prompts, state.default_settings)
-        except BaseException:
-            queue.release(len(prompts))
-            raise
-        queue.put_reserved(submitted.images)
-        return CreateImagesResponse(
-            job_id=submitted.job_id,
-            total_images=submitted.total_images,
-            credits_used=submitted.credits_used,
-            credits=submitted.credits,
+        config = state.config
+        prompts = jobs.check_prompts(data.prompts, config.limits)
+        settings = parameters.settings_for(
+            config.generation, config.limits, CAMEL_NAMES,
+            negative_prompt=data.negative_prompt, width=data.width, height=data.height,
+            steps=data.steps, guidance_scale=data.guidance_scale)
+        seed = None if data.seed is None else parameters.check_seed("seed", data.seed)
+        idempotent = idempotent_request(request, data)
+        submitted = submit_job(state, request.user, prompts, settings, seed, idempotent)
+        return Response(
+            CreateImagesResponse(
+                job_id=submitted.job_id,
+                total_images=submitted.total_images,
+                credits_used=submitted.credits_used,
+                credits=submitted.credits,
+            ),
+            headers={"Idempotent-Replayed": "true"} if submitted.replayed else None,
         )
 
     @get(
         "/{job_id:str}",
         sync_to_thread=True,
         summary="Get a job's status and its images",
-        responses=error_responses(401, 404),
+        responses=error_responses(401, 404, 429, 503),
     )
     def read(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str]) -> JobResponse:
         job = jobs.get_job(request.app.state.store.db(), request.user.account_id, job_id)
-        return JobResponse(
-            job_id=job.job_id,
-            status=job.status,
-            total_images=job.total_images,
-            completed_images=job.completed_images,
-            failed_images=job.failed_images,
-            pending_images=job.queued_images + job.running_images,
-            credits_used=job.credits_used,
-            credits_refunded=job.credits_refunded,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            images=[
-                JobImage(
-                    index=image.index,
-                    prompt=image.prompt,
-                    status=image.status,
-                    seed=image.seed,
-                    url=(request.url_for("job_image", job_id=job.job_id, index=image.index)
-                         if image.status == jobs.COMPLETED else None),
-                    error=image.error,
-                    finished_at=image.finished_at,
-                )
-                for image in job.images
-            ],
-        )
+        return job_response(request, job)
+
+    @delete(
+        "/{job_id:str}",
+        status_code=200,
+        sync_to_thread=True,
+        summary="Cancel the images of a job that have not started",
+        description="Images not yet started become `cancelled` and their credits are refunded"
+                    " through the ledger; images already running finish and stay paid for."
+                    " Answers the job as it stands after the cancel. Repeating it, or"
+                    " cancelling a finished job, changes nothing.",
+        responses=error_responses(401, 404, 429, 503),
+    )
+    def cancel(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str]) -> JobResponse:
+        db = request.app.state.store.db()
+        jobs.cancel(db, request.user.account_id, job_id)
+        return job_response(request, jobs.get_job(db, request.user.account_id, job_id))
+
+    @get(
+        "/{job_id:str}/events",
+        summary="Follow a job live, as server-sent events",
+        description=progress.DESCRIPTION,
+        media_type="text/event-stream",
+        responses=error_responses(401, 404, 429, 503),
+    )
+    async def events(self, request: Request[KeyOwner, Any, Any],
+                     job_id: FromPath[str]) -> ServerSentEvent:
+        state = request.app.state
+        account_id = request.user.account_id
+
+        def read_job() -> jobs.JobView:
+            return jobs.get_job(state.store.db(), account_id, job_id)
+
+        # Read once before streaming, so an unknown job is a plain 404.
+        first = await anyio.to_thread.run_sync(read_job)
+        return ServerSentEvent(progress.job_events(request, first, read_job))
 
     @get(
         "/{job_id:str}/images/{index:int}",
@@ -104,7 +146,7 @@ class ImagesController(Controller):
         sync_to_thread=True,
         summary="Download one finished image as PNG",
         media_type="image/png",
-        responses=error_responses(401, 404),
+        responses=error_responses(401, 404, 429, 503),
     )
     def image(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
               index: FromPath[int]) -> File:

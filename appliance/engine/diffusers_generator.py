@@ -3,49 +3,135 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 import diffusers
+import torch
 import transformers
 from PIL import Image
 
 from ..config import Config
 from ..jobs import GenerationSettings
-from .pipeline import generate, load_pipeline, pick_device, pick_dtype
+from .pending import PendingImages
+from .pipeline import (compile_pipeline, load_pipeline, optimize_pipeline, pick_device, pick_dtype,
+                       render, use_tiny_vae, use_vae_slicing)
 from .synth import synthesize
 
 log = logging.getLogger(__name__)
 
+# Compiled graphs are shape-specific; warm-up runs this few steps, since the
+# step count changes no shape.
+WARM_UP_STEPS = 2
+
 
 class DiffusersGenerator:
-    def __init__(self, pipe):
+    def __init__(self, pipe, vae_chunk: int = 0, batch_sizes: tuple[int, ...] = ()):
         self.pipe = pipe
+        self.vae_chunk = vae_chunk
+        # With a compiled pipeline, each batch is padded to the next of these
+        # sizes, so it runs on a graph compiled at warm-up; () runs it as it is.
+        self.batch_sizes = tuple(sorted(batch_sizes))
 
     def generate(self, prompts: list[str], seeds: list[int],
                  settings: GenerationSettings) -> list[Image.Image]:
-        return generate(self.pipe, prompts, seeds, width=settings.width, height=settings.height,
-                        steps=settings.steps, guidance=settings.guidance_scale)
+        pending = self.launch(prompts, seeds, settings)
+        return [pending.image(index) for index in range(len(pending))]
+
+    def launch(self, prompts: list[str], seeds: list[int],
+               settings: GenerationSettings) -> PendingImages:
+        """Starts the batch on the device; returns before its images are on the CPU."""
+        started = time.perf_counter()
+        count = len(prompts)
+        padded = next((size for size in self.batch_sizes if size >= count), count)
+        # Filler images repeat the last prompt and seed, and are dropped.
+        prompts = list(prompts) + [prompts[-1]] * (padded - count)
+        seeds = list(seeds) + [seeds[-1]] * (padded - count)
+        pixels = render(self.pipe, prompts, seeds, width=settings.width, height=settings.height,
+                        steps=settings.steps, guidance=settings.guidance_scale,
+                        negative_prompt=settings.negative_prompt, vae_chunk=self.vae_chunk)
+        return PendingImages(pixels[:count], started)
+
+    def warm_up(self, settings: GenerationSettings, batch_sizes: tuple[int, ...]) -> None:
+        for size in batch_sizes:
+            started = time.perf_counter()
+            self.launch(["warm-up"] * size, list(range(size)), settings).image(0)
+            log.info("warmed up batches of %d at %dx%d in %.1f s", size, settings.width,
+                     settings.height, time.perf_counter() - started)
+
+
+def compiled_batch_sizes(batch_size: int) -> tuple[int, ...]:
+    """Powers of two below batch_size, and batch_size: padding wastes at most half a batch."""
+    sizes = {batch_size}
+    size = 1
+    while size < batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+_model_lock = threading.Lock()
+_compile_lock = threading.Lock()
 
 
 def ensure_model(model_dir: Path) -> Path:
     """Makes the tiny demo model where no model is installed, so a new install works offline."""
-    if not model_dir.exists():
-        log.warning(
-            "no model at %s: creating the built-in tiny demo model there. Its weights are random,"
-            " so every image will be noise. Install a real model with"
-            " `appliance models pull REPO_ID %s` (after removing the demo folder) and restart.",
-            model_dir, model_dir,
-        )
-        synthesize(model_dir, "tiny")
+    # Workers of several GPUs load at once; one of them makes the model.
+    with _model_lock:
+        if not model_dir.exists():
+            log.warning(
+                "no model at %s: creating the built-in tiny demo model there. Its weights are"
+                " random, so every image will be noise. Install a real model with"
+                " `appliance models pull REPO_ID %s` (after removing the demo folder) and restart.",
+                model_dir, model_dir,
+            )
+            synthesize(model_dir, "tiny")
     return model_dir
 
 
-def load_configured_generator(config: Config) -> DiffusersGenerator:
+def setting_path(config: Config, text: str) -> Path:
+    """A path from a string setting, relative to the config file's folder like the others."""
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return path
+    return (config.source.parent if config.source else Path.cwd()) / path
+
+
+def load_configured_generator(config: Config, device: str | None = None) -> DiffusersGenerator:
+    """Loads, speeds up and warms up the model on `device` (default: model.device).
+
+    Runs on the worker thread of that device, which keeps it as its current one.
+    """
     # Progress bars are for terminals; in the service log they are noise.
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    device = pick_device(config.model.device)
+    device = pick_device(device or config.model.device)
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(device)
     dtype = pick_dtype(config.model.dtype, device)
     model_dir = ensure_model(config.model.path)
+    engine = config.engine
     log.info("loading the model from %s on %s (%s)", model_dir, device, dtype)
-    return DiffusersGenerator(load_pipeline(model_dir, device, dtype))
+    pipe = load_pipeline(model_dir, device, dtype)
+    if engine.tiny_vae:
+        use_tiny_vae(pipe, setting_path(config, engine.tiny_vae), dtype)
+    optimize_pipeline(pipe, device, engine.channels_last)
+    if engine.vae_decode_chunk:
+        use_vae_slicing(pipe)
+    batch_sizes: tuple[int, ...] = ()
+    if engine.compile != "off":
+        compile_pipeline(pipe, engine.compile)
+        batch_sizes = compiled_batch_sizes(engine.batch_size)
+    generator = DiffusersGenerator(pipe, engine.vae_decode_chunk, batch_sizes)
+    generation = config.generation
+    settings = GenerationSettings(generation.width, generation.height, WARM_UP_STEPS,
+                                  generation.guidance_scale)
+    if batch_sizes:
+        # torch.compile is not made for compiling on several threads at once.
+        with _compile_lock:
+            generator.warm_up(settings, batch_sizes)
+    elif device.startswith("cuda"):
+        # cuDNN picks its kernels on first use of a shape: let that be now.
+        generator.warm_up(settings, (engine.batch_size,))
+    return generator

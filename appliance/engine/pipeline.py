@@ -10,7 +10,9 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import (AutoencoderTiny, AutoPipelineForText2Image, DiffusionPipeline,
+                       StableDiffusionPipeline)
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from packaging.version import Version
 from PIL import Image
 
@@ -73,7 +75,7 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def _read_model_index(model_dir: Path) -> dict[str, Any]:
+def read_model_index(model_dir: Path) -> dict[str, Any]:
     if not model_dir.is_dir():
         raise ModelLoadError(f"Model folder {model_dir} does not exist.")
     index_file = model_dir / "model_index.json"
@@ -93,7 +95,7 @@ def _has_fp16_weights(model_dir: Path) -> bool:
     return any(FP16_WEIGHTS.search(path.name) for path in model_dir.glob("*/*"))
 
 
-def _loading_options(
+def loading_options(
     model_dir: Path, model_index: dict[str, Any], dtype: torch.dtype
 ) -> dict[str, Any]:
     options: dict[str, Any] = {DTYPE_KEYWORD: dtype, "local_files_only": True}
@@ -112,7 +114,7 @@ def _loading_options(
 
 def load_pipeline(model_dir: Path, device: str, dtype: torch.dtype) -> DiffusionPipeline:
     model_dir = Path(model_dir)
-    options = _loading_options(model_dir, _read_model_index(model_dir), dtype)
+    options = loading_options(model_dir, read_model_index(model_dir), dtype)
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(model_dir, **options)
         pipe = pipe.to(device)
@@ -148,12 +150,38 @@ def generate(
     steps: int,
     guidance: float,
     negative_prompt: str | None = None,
+    vae_chunk: int = 0,
 ) -> list[Image.Image]:
+    pixels = render(pipe, prompts, seeds, width=width, height=height, steps=steps,
+                    guidance=guidance, negative_prompt=negative_prompt, vae_chunk=vae_chunk)
+    return [Image.fromarray(array) for array in pixels.cpu().numpy()]
+
+
+def render(
+    pipe: DiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    negative_prompt: str | None = None,
+    vae_chunk: int = 0,
+) -> torch.Tensor:
+    """The images as uint8 pixels (batch, height, width, RGB), left on the pipeline's device.
+
+    Copying them off the device is the caller's business, so that it need not
+    wait for the copy before starting the next batch.
+    """
     _check_request(pipe, prompts, seeds, width, height)
     # One generator per image: each image's starting noise depends on its seed
     # alone, so it does not change with the rest of the batch.
     generators = [torch.Generator(device=pipe.device).manual_seed(seed) for seed in seeds]
     negative_prompts = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    # Stable Diffusion's latents are decoded here, in chunks; other pipelines
+    # decode their own way (see use_vae_slicing).
+    decode_here = isinstance(pipe, StableDiffusionPipeline)
     with torch.inference_mode():
         result = pipe(
             prompt=list(prompts),
@@ -163,6 +191,90 @@ def generate(
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generators,
-            output_type="pil",
+            output_type="latent" if decode_here else "pt",
         )
-    return [image.convert("RGB") for image in result.images]
+        if decode_here:
+            return decode_latents(pipe.vae, result.images, vae_chunk)
+        return _to_pixels(result.images)
+
+
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Latents -> uint8 pixels, `chunk` images at a time (0: all at once)."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor
+    parts = latents.split(chunk) if chunk else (latents,)
+    with torch.inference_mode():
+        return torch.cat([_to_pixels(vae.decode(part, return_dict=False)[0] / 2 + 0.5)
+                          for part in parts])
+
+
+def _to_pixels(images: torch.Tensor) -> torch.Tensor:
+    # Rounded as diffusers rounds for PIL output, so both give the same pixels;
+    # done on the device, so a quarter of float32's bytes travels to the CPU.
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous()
+
+
+# Speed
+
+
+def optimize_pipeline(pipe: DiffusionPipeline, device: str, channels_last: bool) -> None:
+    """Speed-ups that leave the images as they are, up to rounding: kernels, memory layout."""
+    for model in _conv_models(pipe):
+        _use_sdpa(model)
+        if channels_last:
+            # The fastest convolutions of cuDNN (GPU) and oneDNN (CPU) read NHWC;
+            # the weights are converted once here.
+            model.to(memory_format=torch.channels_last)
+    if not device.startswith("cuda"):
+        return
+    # Each batch shape is tuned once, then reused; float32 matrix work may use TF32.
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def _conv_models(pipe: DiffusionPipeline) -> list[torch.nn.Module]:
+    return [model for model in (getattr(pipe, "unet", None), getattr(pipe, "vae", None))
+            if isinstance(model, torch.nn.Module)]
+
+
+def _use_sdpa(model: torch.nn.Module) -> None:
+    # PyTorch's fused scaled-dot-product attention (flash or memory-efficient
+    # kernels); models with special attention processors keep theirs.
+    processors = getattr(model, "attn_processors", None)
+    if processors and all(type(p) in (AttnProcessor, AttnProcessor2_0) for p in processors.values()):
+        model.set_attn_processor(AttnProcessor2_0())
+
+
+def use_vae_slicing(pipe: DiffusionPipeline) -> None:
+    """Where the pipeline decodes by itself, it decodes one image at a time, to save memory."""
+    if not isinstance(pipe, StableDiffusionPipeline) and hasattr(pipe.vae, "enable_slicing"):
+        pipe.vae.enable_slicing()
+
+
+def use_tiny_vae(pipe: DiffusionPipeline, folder: Path, dtype: torch.dtype) -> None:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"Tiny VAE folder {folder} has no config.json.")
+    try:
+        vae = AutoencoderTiny.from_pretrained(folder, **{DTYPE_KEYWORD: dtype,
+                                                         "local_files_only": True})
+    except Exception as error:
+        raise ModelLoadError(f"Could not load the tiny VAE in {folder}: {error}") from error
+    pipe.vae = vae.to(pipe.device)
+    logger.info("Decoding with the tiny VAE from %s", folder)
+
+
+def compile_pipeline(pipe: DiffusionPipeline, mode: str) -> None:
+    """Compiles the denoiser and the VAE decoder in place; the first call of each shape compiles."""
+    # One compiled graph per batch size and image size; the default limit of 8 is soon reached.
+    torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
+    # Fixed shapes: the batch sizes in use are padded to a few and warmed up.
+    options = {"mode": mode, "dynamic": False}
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is not None:
+        denoiser.compile(**options)
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    if decoder is not None:
+        decoder.compile(**options)
+    logger.info("Compiling the pipeline with torch.compile (mode %s)", mode)

@@ -1,36 +1,59 @@
-"""The bounded in-process queue between the API and the GPU worker.
+"""The bounded in-process queue between the API and the GPU workers.
 
 Room is reserved before a job is charged and filled after it is written, so a
 request is either refused up front (503, nothing charged) or fully queued.
+
+Order: accounts take turns image by image (round-robin), so one account's
+thousand-image job delays another account's single image by at most one batch.
+Within an account, images keep the order they were queued in. A batch holds
+images of equal settings only, since they share one pipeline call: the account
+whose turn it is picks the settings (those of its oldest image), then the batch
+fills in turn order from every account with images of those settings. An
+account passed over for having none keeps its turn and picks the next batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass, field
 
 from ..errors import ServiceUnavailable
-from ..jobs import QueuedImage
+from ..jobs import GenerationSettings, QueuedImage
 
 RETRY_AFTER_SECONDS = 5
+
+
+@dataclass(order=True)
+class _Entry:
+    seq: int
+    queued_at: float = field(compare=False)
+    image: QueuedImage = field(compare=False)
 
 
 class ImageQueue:
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._items: deque[QueuedImage] = deque()
+        # account id -> settings -> that account's images of those settings, oldest first
+        self._lanes: dict[int, dict[GenerationSettings, deque[_Entry]]] = {}
+        # Accounts with queued images, in the order they get their next image.
+        self._turns: deque[int] = deque()
+        self._count = 0
         self._reserved = 0
         self._closed = False
+        self._seq = itertools.count()
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._items)
+            return self._count
 
     def reserve(self, count: int) -> None:
         with self._cond:
-            if len(self._items) + self._reserved + count > self.capacity:
-                free = max(0, self.capacity - len(self._items) - self._reserved)
+            if self._count + self._reserved + count > self.capacity:
+                free = max(0, self.capacity - self._count - self._reserved)
                 raise ServiceUnavailable(
                     f"The queue is full ({free} of {self.capacity} places free, {count} asked);"
                     " try again shortly",
@@ -45,42 +68,98 @@ class ImageQueue:
     def put_reserved(self, images: list[QueuedImage]) -> None:
         with self._cond:
             self._reserved -= len(images)
-            self._items.extend(images)
-            self._cond.notify_all()
+            self._add(images)
 
     def put_recovered(self, images: list[QueuedImage]) -> None:
         """Recovered work goes in even past capacity: it was already paid for."""
         with self._cond:
-            self._items.extend(images)
-            self._cond.notify_all()
+            self._add(images)
 
-    def take_batch(self, max_items: int, timeout: float) -> list[QueuedImage]:
-        """Up to max_items queued images sharing the oldest one's settings.
+    def _add(self, images: list[QueuedImage]) -> None:
+        now = time.monotonic()
+        for image in images:
+            lanes = self._lanes.get(image.account_id)
+            if lanes is None:
+                lanes = self._lanes[image.account_id] = {}
+                self._turns.append(image.account_id)
+            lanes.setdefault(image.settings, deque()).append(_Entry(next(self._seq), now, image))
+        self._count += len(images)
+        self._cond.notify_all()
 
-        Waits up to `timeout` for the first; returns [] on timeout or close.
+    def take_batch(self, max_items: int, timeout: float, window: float = 0.0) -> list[QueuedImage]:
+        """Up to max_items images of equal settings, in turn order (see the module's text).
+
+        Waits up to `timeout` for a first image, then until `window` seconds
+        after that image was queued for the batch to fill; returns [] on
+        timeout or close.
         """
         with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
+            if not self._cond.wait_for(lambda: self._count or self._closed, timeout):
                 return []
-            if not self._items:
-                return []
-            settings = self._items[0].settings
-            batch: list[QueuedImage] = []
-            kept: deque[QueuedImage] = deque()
-            while self._items and len(batch) < max_items:
-                image = self._items.popleft()
-                (batch if image.settings == settings else kept).append(image)
-            kept.extend(self._items)
-            self._items = kept
-            return batch
+            while self._count:
+                lead = self._oldest(self._turns[0])
+                settings = lead.image.settings
+                wait = lead.queued_at + window - time.monotonic()
+                if self._closed or wait <= 0 or self._matching(settings) >= max_items:
+                    return self._take(settings, max_items)
+                # Another worker may take these images meanwhile: look again after.
+                self._cond.wait(wait)
+            return []
+
+    def _oldest(self, account_id: int) -> _Entry:
+        return min(lane[0] for lane in self._lanes[account_id].values())
+
+    def _matching(self, settings: GenerationSettings) -> int:
+        return sum(len(lanes.get(settings, ())) for lanes in self._lanes.values())
+
+    def _take(self, settings: GenerationSettings, max_items: int) -> list[QueuedImage]:
+        batch: list[QueuedImage] = []
+        while len(batch) < max_items:
+            account_id = next((a for a in self._turns if settings in self._lanes[a]), None)
+            if account_id is None:
+                break
+            lanes = self._lanes[account_id]
+            lane = lanes[settings]
+            batch.append(lane.popleft().image)
+            if not lane:
+                del lanes[settings]
+            # Served: to the back of the line, or out of it when nothing is left.
+            self._turns.remove(account_id)
+            if lanes:
+                self._turns.append(account_id)
+            else:
+                del self._lanes[account_id]
+        self._count -= len(batch)
+        return batch
 
     def position(self, job_id: str) -> int | None:
-        """How many images the worker will take before this job's first; None if none queued."""
+        """How many images the workers will start before this job's first; None if none queued.
+
+        Exact while every queued image has the same settings; otherwise an
+        estimate, as batches of other settings interleave.
+        """
         with self._cond:
-            for ahead, image in enumerate(self._items):
-                if image.job_id == job_id:
-                    return ahead
-            return None
+            first: _Entry | None = None
+            for lanes in self._lanes.values():
+                for lane in lanes.values():
+                    entry = next((e for e in lane if e.image.job_id == job_id), None)
+                    if entry is not None and (first is None or entry < first):
+                        first = entry
+            if first is None:
+                return None
+            account_id = first.image.account_id
+            own = sum(e < first for lane in self._lanes[account_id].values() for e in lane)
+            ahead = own
+            # Each round of turns gives every other account one image: those
+            # before this account in line get one more round than those after.
+            before = True
+            for other in self._turns:
+                if other == account_id:
+                    before = False
+                    continue
+                queued = sum(len(lane) for lane in self._lanes[other].values())
+                ahead += min(queued, own + before)
+            return ahead
 
     def close(self) -> None:
         with self._cond:

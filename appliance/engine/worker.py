@@ -1,26 +1,42 @@
-"""The worker thread: the only code that touches the pipeline."""
+"""A worker thread per device: the only code that touches that device's pipeline.
+
+The thread takes a batch, starts the GPU work and hands the images to the PNG
+writers, then takes the next batch at once; the batch ends (rows marked, credits
+refunded for failures) on the writer thread that saves its last image.
+"""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 from PIL import Image
 
-from .. import jobs
+from .. import jobs, metrics
 from ..db import Store
 from ..jobs import GenerationSettings, QueuedImage
+from .pending import ReadyImages
 from .queue import ImageQueue
-from .storage import write_png_atomic
+from .writer import BatchImages, ImageWriter
 
 log = logging.getLogger(__name__)
 
+# Batches made but not yet saved, per worker: one being written while the next
+# is generated, and one spare for jitter. Beyond that the GPU waits for the
+# writers instead of piling images up in memory.
+BATCHES_IN_FLIGHT = 3
+
 
 class ImageGenerator(Protocol):
+    """Makes a batch's images. A generator may also have `launch(prompts, seeds,
+    settings) -> BatchImages`, which returns before the images are on the CPU;
+    the worker prefers it."""
+
     def generate(self, prompts: list[str], seeds: list[int],
                  settings: GenerationSettings) -> list[Image.Image]: ...
 
@@ -31,24 +47,31 @@ class Worker(threading.Thread):
         store: Store,
         queue: ImageQueue,
         load_generator: Callable[[], ImageGenerator],
-        images_dir: Path,
+        writer: ImageWriter,
         batch_size: int,
+        batch_window: float = 0.0,
+        name: str = "engine-worker",
     ):
         # A daemon, so a GPU call that never returns cannot hold the process open.
-        super().__init__(name="engine-worker", daemon=True)
+        super().__init__(name=name, daemon=True)
         self.store = store
         self.queue = queue
         self.load_generator = load_generator
-        self.images_dir = images_dir
+        self.writer = writer
         self.batch_size = batch_size
+        self.batch_window = batch_window
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.heartbeat = time.monotonic()
         self._stopping = threading.Event()
+        self._in_flight = threading.BoundedSemaphore(BATCHES_IN_FLIGHT)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def signal_stop(self) -> None:
         self._stopping.set()
         self.queue.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.signal_stop()
         self.join(timeout)
 
     def run(self) -> None:
@@ -61,24 +84,76 @@ class Worker(threading.Thread):
         self.ready.set()
         while not self._stopping.is_set():
             self.heartbeat = time.monotonic()
-            batch = self.queue.take_batch(self.batch_size, timeout=0.5)
+            if not self._in_flight.acquire(timeout=0.5):
+                continue  # the writers are behind; keep the heartbeat going meanwhile
+            batch = self.queue.take_batch(self.batch_size, timeout=0.5, window=self.batch_window)
             if batch:
                 self.process(generator, batch)
+            else:
+                self._in_flight.release()
 
     def process(self, generator: ImageGenerator, batch: list[QueuedImage]) -> None:
-        db = self.store.db()
-        batch = jobs.mark_running(db, batch)
+        """Starts the batch; it ends later, on a writer thread (see _batch_ended)."""
+        try:
+            batch = jobs.mark_running(self.store.db(), batch)
+        except sqlite3.Error as exc:
+            # A locked or full database: the rows are still queued, so the
+            # images go back in line and are tried again shortly.
+            log.warning("could not start a batch of %d images: %s", len(batch), exc)
+            self.queue.put_recovered(batch)
+            self._in_flight.release()
+            self._stopping.wait(1.0)
+            return
         if not batch:
+            self._in_flight.release()
             return
         started = time.perf_counter()
         try:
-            images = generator.generate([i.prompt for i in batch], [i.seed for i in batch],
-                                        batch[0].settings)
-            for item, image in zip(batch, images, strict=True):
-                write_png_atomic(image, self.images_dir / jobs.image_relpath(item.job_id, item.index))
+            images = _launch(generator, batch, started)
         except Exception as exc:  # noqa: BLE001 - any failure fails and refunds the batch
             log.exception("a batch of %d images failed", len(batch))
-            jobs.mark_failed(db, batch, f"generation failed: {type(exc).__name__}: {exc}")
+            error = f"generation failed: {type(exc).__name__}: {exc}"
+            self._batch_ended(batch, None, [], {item: error for item in batch})
             return
-        jobs.mark_completed(db, batch)
-        log.info("generated %d images in %.2f s", len(batch), time.perf_counter() - started)
+        try:
+            self.writer.write(batch, images,
+                              lambda saved, failed: self._batch_ended(batch, images, saved, failed))
+        except RuntimeError:
+            # The writers were closed for shutdown: the images stay running and
+            # are made again after the restart.
+            log.warning("shutting down: %d images are left for the next start", len(batch))
+            self._in_flight.release()
+
+    def _batch_ended(self, batch: list[QueuedImage], images: BatchImages | None,
+                     saved: list[QueuedImage], failed: dict[QueuedImage, str]) -> None:
+        try:
+            db = self.store.db()
+            seconds = images.seconds if images is not None and images.seconds is not None else 0.0
+            if saved:
+                jobs.mark_completed(db, saved)
+                metrics.images_generated(len(saved), seconds)
+                log.info("generated %d images in %.2f s", len(saved), seconds)
+            by_error: dict[str, list[QueuedImage]] = defaultdict(list)
+            for item, error in failed.items():
+                by_error[error].append(item)
+            for error, items in by_error.items():
+                if images is not None:  # a failure at launch was logged with its traceback
+                    log.error("%d of a batch of %d images failed: %s", len(items), len(batch), error)
+                jobs.mark_failed(db, items, error)
+                metrics.images_failed(len(items))
+        except Exception:  # noqa: BLE001 - the rows stay running and are redone at the next start
+            log.exception("could not record the end of a batch of %d images", len(batch))
+        finally:
+            self._in_flight.release()
+
+
+def _launch(generator: ImageGenerator, batch: list[QueuedImage], started: float) -> BatchImages:
+    prompts = [item.prompt for item in batch]
+    seeds = [item.seed for item in batch]
+    settings = batch[0].settings
+    launch = getattr(generator, "launch", None)
+    images = (launch(prompts, seeds, settings) if launch is not None
+              else ReadyImages(generator.generate(prompts, seeds, settings), started))
+    if len(images) != len(batch):
+        raise RuntimeError(f"the generator made {len(images)} images for {len(batch)} prompts")
+    return images

@@ -1,0 +1,329 @@
+"""`appliance bench`: the plain diffusers loop against the appliance, same model and settings.
+
+1. The baseline (baseline.py) generates `baseline_images` images one call at a
+   time, in a process of its own.
+2. A real `appliance serve` (serving.py), with its data in a temporary folder,
+   gets `images` prompts as bulk jobs of `job_size` from `clients` concurrent
+   clients.
+Both run the same model folder, size, steps, guidance, dtype and device(s), and
+save PNGs at the same compression level. The figures are printed, written as
+JSON and appended as a row to a Markdown table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import SECTIONS, Config
+from ..engine.diffusers_generator import ensure_model, setting_path
+from . import serving
+
+# Multiply-adds counted twice: one SD 1.5 UNet forward on one 64x64 latent
+# (a 512x512 image), and one VAE decode of a 512x512 image.
+SD15_UNET_TFLOP = 0.80
+SD15_VAE_DECODE_TFLOP = 2.5
+
+SUBJECTS = ["a lighthouse", "a red fox", "an old library", "a mountain lake", "a city street",
+            "a bowl of fruit", "a sailing boat", "a desert road", "a snowy forest", "a robot"]
+STYLES = ["at sunset, oil painting", "in the rain, photograph", "watercolor",
+          "at night, cinematic lighting", "in the morning fog, highly detailed"]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: Path
+    device: str
+    dtype: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    batch_size: int
+    batch_window: float
+    compile: str
+    vae_decode_chunk: int
+    png_compress_level: int
+    png_threads: int
+    devices: tuple[str, ...] | str
+    tiny_vae: str
+    channels_last: bool
+    images: int
+    baseline_images: int
+    clients: int
+    job_size: int
+    peak_tflops: float
+    startup_timeout: float = 3600.0
+
+
+def bench_prompts(count: int) -> list[str]:
+    # Distinct prompts, as real bulk jobs have; nothing is cached between them anyway.
+    return [f"{SUBJECTS[i % len(SUBJECTS)]} {STYLES[(i // len(SUBJECTS)) % len(STYLES)]}, #{i}"
+            for i in range(count)]
+
+
+def architecture(model: Path) -> str:
+    """sd15, tiny (the demo model) or other, from the UNet's shape."""
+    try:
+        unet = json.loads((model / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return "other"
+    channels = list(unet.get("block_out_channels", []))
+    if channels == [320, 640, 1280, 1280] and unet.get("cross_attention_dim") == 768:
+        return "sd15"
+    if channels == [16, 32, 32]:
+        return "tiny"
+    return "other"
+
+
+def tflop_per_image(options: BenchOptions) -> float | None:
+    """The SD 1.5 figures hold at 512x512 only; None elsewhere."""
+    if architecture(options.model) != "sd15" or (options.width, options.height) != (512, 512):
+        return None
+    forwards = options.steps * (2 if options.guidance > 1 else 1)
+    return forwards * SD15_UNET_TFLOP + SD15_VAE_DECODE_TFLOP
+
+
+def resolved_devices(options: BenchOptions) -> list[str]:
+    """The appliance's devices, a worker each, as engine.worker_devices finds them."""
+    if options.devices == "all":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{index}" for index in range(count)] or ["cpu"]
+    return list(options.devices) or [options.device]
+
+
+def run_baseline(options: BenchOptions, work: Path) -> dict[str, Any]:
+    prompts_file = work / "baseline-prompts.json"
+    prompts_file.write_text(json.dumps(bench_prompts(options.baseline_images)))
+    # The plain loop has one device: the appliance's first.
+    command = [sys.executable, "-m", "appliance.bench.baseline", "--model", str(options.model),
+               "--device", resolved_devices(options)[0], "--dtype", options.dtype,
+               "--width", str(options.width), "--height", str(options.height),
+               "--steps", str(options.steps), "--guidance", str(options.guidance),
+               "--compress-level", str(options.png_compress_level),
+               "--prompts-file", str(prompts_file), "--out", str(work / "baseline")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the baseline failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def server_sections(options: BenchOptions, work: Path, port: int) -> dict[str, dict[str, Any]]:
+    """The server's config: the options given, room for every job, no per-key throttling."""
+    total = options.images + 1
+    sections = {
+        "server": {"host": "127.0.0.1", "port": port},
+        "storage": {"data_dir": work / "data", "database": work / "data" / "appliance.db"},
+        "model": {"path": options.model, "device": options.device, "dtype": options.dtype},
+        "generation": {
+            "width": options.width, "height": options.height, "steps": options.steps,
+            "guidance_scale": options.guidance,
+            "min_size": min(64, options.width, options.height),
+            "max_size": max(1024, options.width, options.height),
+            "min_steps": 1, "max_steps": max(100, options.steps),
+            "min_guidance_scale": 0.0, "max_guidance_scale": max(20.0, options.guidance),
+        },
+        "limits": {"max_prompts_per_request": max(100, options.job_size),
+                   "max_pending_images_per_account": total,
+                   "requests_per_minute_per_key": 0},
+        "engine": {"queue_capacity": max(1000, total), "batch_size": options.batch_size,
+                   "batch_window_seconds": options.batch_window, "devices": options.devices,
+                   "channels_last": options.channels_last, "compile": options.compile,
+                   "vae_decode_chunk": options.vae_decode_chunk, "tiny_vae": options.tiny_vae,
+                   "png_compress_level": options.png_compress_level,
+                   "png_threads": options.png_threads},
+    }
+    # Only settings this version knows: an unknown key would stop the server.
+    known = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    return {name: {key: value for key, value in values.items() if key in known[name]}
+            for name, values in sections.items() if name in known}
+
+
+def run_appliance(options: BenchOptions, work: Path) -> dict[str, Any]:
+    port = serving.free_port()
+    config_path = work / "config.toml"
+    serving.write_config(config_path, server_sections(options, work, port))
+    (work / "data").mkdir()
+    per_client = -(-options.images // options.clients)
+    client_keys = serving.make_keys(work / "data" / "appliance.db", options.clients,
+                                    credits=per_client + 1)
+    prompts = bench_prompts(options.images)
+    runs = []
+    for index, key in enumerate(client_keys):
+        mine = prompts[index::options.clients]
+        runs.append(serving.ClientRun(key, [mine[i:i + options.job_size]
+                                            for i in range(0, len(mine), options.job_size)]))
+    server = serving.Server(config_path, port, work / "serve.log")
+    try:
+        server.wait_until_up(options.startup_timeout)
+        server.wait_until_generating(client_keys[0], options.startup_timeout)
+        figures = serving.drive(server, [run for run in runs if run.jobs], work / "data" / "images")
+    finally:
+        log = server.stop()
+    figures["peak_gpu_memory_gib"] = serving.peak_gpu_memory_gib(log)
+    return figures
+
+
+def run_benchmark(options: BenchOptions) -> dict[str, Any]:
+    ensure_model(options.model)
+    work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
+    try:
+        baseline = run_baseline(options, work)
+        appliance = run_appliance(options, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    compute = tflop_per_image(options)
+    on_cpu = baseline["device"] == "cpu"
+    devices = resolved_devices(options)
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "device": baseline["device_name"],
+        # One device: the one the plain loop found for "auto" too.
+        "devices": devices if len(devices) > 1 else [baseline["device"]],
+        "model": str(options.model),
+        "architecture": architecture(options.model),
+        "pipeline": baseline["pipeline"],
+        "dtype": baseline["dtype"],
+        "width": options.width,
+        "height": options.height,
+        "steps": options.steps,
+        "guidance_scale": options.guidance,
+        "batch_size": options.batch_size,
+        "batch_window_seconds": options.batch_window,
+        "compile": options.compile,
+        "tiny_vae": bool(options.tiny_vae),
+        "png_compress_level": options.png_compress_level,
+        "clients": options.clients,
+        "job_size": options.job_size,
+        "baseline": baseline,
+        "appliance": appliance,
+        "ratio": appliance["images_per_second"] / baseline["images_per_second"],
+        "compute": None if compute is None or on_cpu else {
+            "tflop_per_image": compute,
+            "peak_tflops": options.peak_tflops,
+            "baseline_fraction": baseline["images_per_second"] * compute / options.peak_tflops,
+            "appliance_fraction": appliance["images_per_second"] * compute / options.peak_tflops,
+        },
+    }
+
+
+def _gib(value: float | None) -> str:
+    return "n/a on CPU" if value is None else f"{value:.2f} GiB"
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    base, app, compute = result["baseline"], result["appliance"], result["compute"]
+    lines = [
+        f"model: {result['model']} ({result['architecture']}, {result['pipeline']}),"
+        f" {result['dtype']}, on {result['device']}",
+        f"settings: {result['width']}x{result['height']}, {result['steps']} steps, guidance"
+        f" {result['guidance_scale']:g}",
+        f"appliance: batch size {result['batch_size']}, window {result['batch_window_seconds']:g} s,"
+        f" compile {result['compile']}, {len(result['devices'])} device(s), {result['clients']}"
+        f" clients, jobs of up to {result['job_size']} prompts",
+        f"plain diffusers loop: {base['images']} images in {base['seconds']:.1f} s ="
+        f" {base['images_per_second']:.3f} images/s",
+        f"appliance end to end: {app['completed_images']} images in {app['seconds']:.1f} s ="
+        f" {app['images_per_second']:.3f} images/s ({app['failed_images']} failed)",
+        f"ratio: {result['ratio']:.2f}x",
+        f"job latency: p50 {app['job_latency_p50_s']:.2f} s, p95 {app['job_latency_p95_s']:.2f} s"
+        f" ({app['jobs']} jobs)",
+        f"peak GPU memory: plain loop {_gib(base['peak_gpu_memory_gib'])},"
+        f" appliance {_gib(app['peak_gpu_memory_gib'])}",
+    ]
+    if compute is None:
+        lines.append("compute fraction: n/a (counted for the SD 1.5 architecture at 512x512"
+                     " on a GPU only)")
+    else:
+        lines.append(
+            f"compute fraction: {compute['tflop_per_image']:.1f} TFLOP per image against"
+            f" {compute['peak_tflops']:g} TFLOP/s: plain loop {compute['baseline_fraction']:.1%},"
+            f" appliance {compute['appliance_fraction']:.1%}")
+    return lines
+
+
+MARKDOWN_HEADER = (
+    "| date | device | model | size | steps | guidance | batch | compile | images |"
+    " plain loop img/s | appliance img/s | ratio | job p50 s | job p95 s | peak GPU GiB"
+    " (loop / appliance) | compute fraction (loop / appliance) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+)
+
+
+def markdown_row(result: dict[str, Any]) -> str:
+    base, app, compute = result["baseline"], result["appliance"], result["compute"]
+
+    def gib(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}"
+
+    fraction = ("n/a" if compute is None else
+                f"{compute['baseline_fraction']:.1%} / {compute['appliance_fraction']:.1%}")
+    devices = len(result["devices"])
+    device = result["device"] + (f" x{devices}" if devices > 1 else "")
+    cells = [
+        result["date"][:10], device, f"{result['architecture']} ({result['dtype']})",
+        f"{result['width']}x{result['height']}", str(result["steps"]),
+        f"{result['guidance_scale']:g}", str(result["batch_size"]), result["compile"],
+        f"{app['completed_images']} (loop {base['images']})",
+        f"{base['images_per_second']:.3f}", f"{app['images_per_second']:.3f}",
+        f"{result['ratio']:.2f}x", f"{app['job_latency_p50_s']:.2f}",
+        f"{app['job_latency_p95_s']:.2f}",
+        f"{gib(base['peak_gpu_memory_gib'])} / {gib(app['peak_gpu_memory_gib'])}", fraction,
+    ]
+    return "| " + " | ".join(cells) + " |\n"
+
+
+def append_markdown(path: Path, result: dict[str, Any]) -> None:
+    """Adds a row to the table at the end of `path`, starting the file or the table if need be."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if not text.rstrip().endswith("|"):
+        text = text.rstrip("\n") + "\n\n" + MARKDOWN_HEADER
+    elif not text.endswith("\n"):
+        text += "\n"
+    path.write_text(text + markdown_row(result))
+
+
+def check_options(options: BenchOptions) -> str | None:
+    """What is wrong with the options, in one line; None when nothing is."""
+    for name in ("images", "baseline_images", "clients", "job_size", "batch_size", "steps"):
+        if getattr(options, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    for name in ("width", "height"):
+        value = getattr(options, name)
+        if value % 8 or not 64 <= value <= 2048:
+            return f"--{name} must be a multiple of 8 from 64 to 2048, got {value}"
+    if not 0 <= options.png_compress_level <= 9:
+        return f"--png-compress-level must be 0 to 9, got {options.png_compress_level}"
+    if options.peak_tflops <= 0 or options.guidance < 0 or options.batch_window < 0:
+        return "--peak-tflops must be positive, --guidance and --batch-window not negative"
+    if not (options.model / "model_index.json").is_file() and options.model.exists():
+        return f"{options.model} is not a diffusers model folder (no model_index.json)"
+    return None
+
+
+def options_from(config: Config, **overrides: Any) -> BenchOptions:
+    """The config's model, generation and engine settings, with `overrides` (None: keep)."""
+    engine, generation, model = config.engine, config.generation, config.model
+    values: dict[str, Any] = {
+        "model": model.path, "device": model.device, "dtype": model.dtype,
+        "width": generation.width, "height": generation.height, "steps": generation.steps,
+        "guidance": generation.guidance_scale, "batch_size": engine.batch_size,
+        "batch_window": engine.batch_window_seconds, "compile": engine.compile,
+        "vae_decode_chunk": engine.vae_decode_chunk,
+        "png_compress_level": engine.png_compress_level, "png_threads": engine.png_threads,
+        "devices": engine.devices,
+        "tiny_vae": str(setting_path(config, engine.tiny_vae)) if engine.tiny_vae else "",
+        "channels_last": engine.channels_last,
+    }
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return BenchOptions(**values)

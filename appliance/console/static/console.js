@@ -1,0 +1,153 @@
+// The console's only script: the copy button and live job progress.
+// Every page also works without it (progress pages refresh themselves).
+"use strict";
+
+(function () {
+  var FINISHED = { completed: true, failed: true, cancelled: true };
+  var POLL_MS = 1000;
+
+  function legacyCopy(field) {
+    field.focus();
+    field.select();
+    try {
+      return document.execCommand("copy");
+    } catch (error) {
+      return false;
+    }
+  }
+
+  function copyFrom(button) {
+    var field = document.getElementById(button.getAttribute("data-copy"));
+    if (!field) {
+      return;
+    }
+    var label = button.textContent;
+    var done = function () {
+      button.textContent = "Copied";
+      button.classList.add("copied");
+      setTimeout(function () {
+        button.textContent = label;
+        button.classList.remove("copied");
+      }, 2500);
+    };
+    // The clipboard API needs a secure context (HTTPS or this machine);
+    // an appliance reached over plain HTTP on the LAN falls back to selection.
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(field.value).then(done, function () {
+        if (legacyCopy(field)) { done(); }
+      });
+    } else if (legacyCopy(field)) {
+      done();
+    }
+  }
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("[data-copy]");
+    if (button) {
+      event.preventDefault();
+      copyFrom(button);
+    }
+  });
+
+  function setText(root, field, text) {
+    var node = root.querySelector('[data-field="' + field + '"]');
+    if (node && node.textContent !== text) {
+      node.textContent = text;
+    }
+    return node;
+  }
+
+  function link(href, text, download) {
+    var a = document.createElement("a");
+    a.href = href;
+    a.textContent = text;
+    if (download) {
+      a.setAttribute("download", "");
+    }
+    return a;
+  }
+
+  function showImage(figure, image) {
+    var frame = figure.querySelector(".frame");
+    var prompt = figure.querySelector(".prompt");
+    if (image.status === "completed" && !frame.querySelector("img")) {
+      var img = document.createElement("img");
+      img.src = image.url;
+      img.alt = prompt ? prompt.textContent : "";
+      var a = link(image.url, "", false);
+      a.textContent = "";
+      a.appendChild(img);
+      frame.replaceChildren(a);
+      var links = figure.querySelector('[data-field="links"]');
+      if (links) {
+        links.replaceChildren(link(image.url, "Full size"), document.createTextNode(" · "),
+                              link(image.url + "?download=true", "Download", true));
+      }
+    } else if (image.status !== "completed") {
+      setText(figure, "image-status", image.status + (image.error ? ": " + image.error : ""));
+    }
+    figure.className = figure.className.replace(/status-\w+/, "status-" + image.status);
+    figure.setAttribute("data-status", image.status);
+  }
+
+  function update(widget, job) {
+    var bar = widget.querySelector("progress");
+    if (bar) {
+      bar.value = job.completedImages;
+    }
+    setText(widget, "count", job.completedImages + " / " + job.totalImages);
+    var badge = setText(widget, "status", job.status);
+    if (badge) {
+      badge.className = "badge status-" + job.status;
+    }
+    var page = document.querySelector("[data-job-images]");
+    if (page) {
+      job.images.forEach(function (image) {
+        var figure = page.querySelector('[data-image-index="' + image.index + '"]');
+        if (figure && figure.getAttribute("data-status") !== image.status) {
+          showImage(figure, image);
+        }
+      });
+    }
+  }
+
+  function watch(widget) {
+    var url = widget.getAttribute("data-progress-url");
+    var timer = null;
+    var poll = function () {
+      fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+        .then(function (response) {
+          if (response.status === 401) {
+            // Signed out meanwhile: the reload leads to the sign-in page.
+            window.location.reload();
+            return null;
+          }
+          return response.ok ? response.json() : null;
+        })
+        .then(function (job) {
+          if (!job) {
+            return;
+          }
+          update(widget, job);
+          if (FINISHED[job.status]) {
+            clearInterval(timer);
+            if (widget.hasAttribute("data-reload-when-done")) {
+              window.location.reload();
+            } else {
+              var finished = document.querySelector('[data-field="finished"]');
+              if (finished && finished.textContent === "—") {
+                finished.textContent = "just now";
+              }
+            }
+          }
+        })
+        .catch(function () { /* a missed poll is retried on the next tick */ });
+    };
+    timer = setInterval(poll, POLL_MS);
+    poll();
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-progress-url]").forEach(watch);
+  });
+})();

@@ -1,0 +1,87 @@
+"""Remembers every API key and password the suite makes in-process, and every log line.
+
+test_secrets.py's last test then searches everything the suite left on disk
+(databases, data folders, server logs) and everything it logged for any of
+them. tests/conftest.py imports the fixture and the ordering hook below.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from appliance import accounts, keys
+
+HEX_RUN = re.compile(rb"[0-9a-f]{64}")
+
+
+@dataclass
+class Secrets:
+    keys: set[str] = field(default_factory=set)
+    passwords: set[str] = field(default_factory=set)
+    log_file: Path | None = None
+
+
+watched = Secrets()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secret_watch(tmp_path_factory) -> Iterator[Secrets]:
+    real_generate, real_hash = keys.generate_key, accounts.hash_password
+
+    def generate_key() -> str:
+        key = real_generate()
+        watched.keys.add(key)
+        return key
+
+    def hash_password(password: str) -> str:
+        hashed = real_hash(password)
+        # Only passwords that were accepted (and so stored as a hash): a refused
+        # one may be as short as "" and would "match" every file.
+        watched.passwords.add(password)
+        return hashed
+
+    keys.generate_key, accounts.hash_password = generate_key, hash_password
+    watched.log_file = tmp_path_factory.getbasetemp() / "suite.log"
+    handler = logging.FileHandler(watched.log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root, ours = logging.getLogger(), logging.getLogger("appliance")
+    root.addHandler(handler)
+    # The appliance's own INFO lines too (key created, job accepted...), where a
+    # careless message would name a secret.
+    previous_level = ours.level
+    ours.setLevel(logging.INFO)
+    try:
+        yield watched
+    finally:
+        root.removeHandler(handler)
+        ours.setLevel(previous_level)
+        handler.close()
+        keys.generate_key, accounts.hash_password = real_generate, real_hash
+
+
+def leaks(folder: Path, key_list: set[str], passwords: set[str]) -> list[str]:
+    """Where under `folder` a key (whole or its 64 hex characters) or a password appears."""
+    hex_parts = {key[len(keys.KEY_PREFIX):].encode() for key in key_list}
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue  # a socket or a file another test is removing
+        if any(match in hex_parts for match in HEX_RUN.findall(data)):
+            found.append(f"an API key in {path}")
+        for password in passwords:
+            if password.encode() in data:
+                found.append(f"a password in {path}")
+    return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests marked to run last (after the whole suite has left its files) go to the end.
+    items.sort(key=lambda item: bool(getattr(getattr(item, "function", None), "runs_last", False)))

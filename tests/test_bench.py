@@ -1,0 +1,119 @@
+"""`appliance bench`: a short CPU pass so the benchmark itself never rots, and its arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from appliance.bench import (BenchOptions, append_markdown, architecture, markdown_row,
+                             tflop_per_image)
+from appliance.bench import serving
+from appliance.cli import main
+
+
+def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n')
+    results, table = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    code = main(["bench", "--config", str(config), "--width", "64", "--height", "64",
+                 "--steps", "2", "--batch-size", "4", "--images", "8", "--baseline-images", "2",
+                 "--clients", "2", "--job-size", "2", "--json", str(results),
+                 "--markdown", str(table)])
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed)
+    assert code == 0
+
+    result = json.loads(results.read_text())
+    appliance, baseline = result["appliance"], result["baseline"]
+    assert (appliance["completed_images"], appliance["failed_images"], appliance["jobs"]) == (8, 0, 4)
+    assert baseline["images"] == 2 and baseline["device"] == "cpu"
+    assert appliance["images_per_second"] > 0 and baseline["images_per_second"] > 0
+    assert result["ratio"] == appliance["images_per_second"] / baseline["images_per_second"]
+    assert 0 < appliance["job_latency_p50_s"] <= appliance["job_latency_p95_s"]
+    assert appliance["job_latency_p95_s"] <= appliance["seconds"]
+    assert (result["architecture"], result["compute"], appliance["peak_gpu_memory_gib"]) == (
+        "tiny", None, None)
+    assert f"{appliance['images_per_second']:.3f} images/s" in printed
+    assert "ratio: " in printed and "peak GPU memory: plain loop n/a on CPU" in printed
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| 2")]
+    assert len(rows) == 1 and "| tiny (float32) | 64x64 | 2 | 7.5 | 4 | off |" in rows[0]
+
+
+def sd15_folder(tmp_path: Path) -> Path:
+    (tmp_path / "unet").mkdir(parents=True)
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(
+        {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768}))
+    return tmp_path
+
+
+def options(model: Path, **changes) -> BenchOptions:
+    values = dict(model=model, device="cuda", dtype="auto", width=512, height=512, steps=25,
+                  guidance=7.5, batch_size=16, batch_window=0.05, compile="off",
+                  vae_decode_chunk=8, png_compress_level=1, png_threads=0, devices=(),
+                  tiny_vae="", channels_last=True, images=256, baseline_images=16, clients=4,
+                  job_size=16, peak_tflops=790.0)
+    return BenchOptions(**{**values, **changes})
+
+
+def test_compute_is_counted_for_sd15_at_512_only(tmp_path, tiny_model):
+    model = sd15_folder(tmp_path)
+    assert architecture(model) == "sd15" and architecture(tiny_model) == "tiny"
+    # 25 steps with guidance: 50 UNet forwards of 0.8 TFLOP, and one 2.5 TFLOP decode.
+    assert tflop_per_image(options(model)) == pytest.approx(42.5)
+    assert tflop_per_image(options(model, steps=1, guidance=0.0)) == pytest.approx(3.3)
+    assert tflop_per_image(options(model, width=768)) is None
+    assert tflop_per_image(options(tiny_model)) is None
+
+
+def test_rows_go_under_one_table_header(tmp_path):
+    result = {
+        "date": "2026-01-02T03:04:05Z", "device": "NVIDIA H100 80GB HBM3", "devices": ["cuda:0"],
+        "architecture": "sd15", "dtype": "float16", "width": 512, "height": 512, "steps": 25,
+        "guidance_scale": 7.5, "batch_size": 16, "compile": "off",
+        "baseline": {"images": 16, "images_per_second": 1.5, "peak_gpu_memory_gib": 3.2},
+        "appliance": {"completed_images": 256, "images_per_second": 9.25,
+                      "job_latency_p50_s": 12.0, "job_latency_p95_s": 25.5,
+                      "peak_gpu_memory_gib": 14.04},
+        "ratio": 9.25 / 1.5,
+        "compute": {"baseline_fraction": 0.0807, "appliance_fraction": 0.4976},
+    }
+    table = tmp_path / "BENCHMARKS.md"
+    table.write_text("# Benchmarks\n\nSome words.\n")
+    append_markdown(table, result)
+    append_markdown(table, result)
+    text = table.read_text()
+    assert text.startswith("# Benchmarks\n\nSome words.\n\n| date | device |")
+    assert text.count("| date |") == 1 and text.count(markdown_row(result)) == 2
+    assert markdown_row(result) == (
+        "| 2026-01-02 | NVIDIA H100 80GB HBM3 | sd15 (float16) | 512x512 | 25 | 7.5 | 16 | off"
+        " | 256 (loop 16) | 1.500 | 9.250 | 6.17x | 12.00 | 25.50 | 3.2 / 14.0 | 8.1% / 49.8% |\n")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--images", "0"], "--images must be at least 1"),
+        (["--width", "500"], "--width must be a multiple of 8 from 64 to 2048, got 500"),
+        (["--model", "{tmp}/nowhere"], "nowhere is not a diffusers model folder"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line(tmp_path, capsys, arguments, message):
+    config = tmp_path / "config.toml"
+    config.write_text("")
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    assert main(["bench", "--config", str(config), *arguments]) == 1
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "models").exists()
+
+
+def test_peak_gpu_memory_is_read_from_the_servers_shutdown_log():
+    log = ('ts=2026-01-02T03:04:05.000Z level=info logger=appliance.engine msg="peak GPU memory'
+           ' on cuda:0: 10.50 GiB allocated, 12.00 GiB reserved"\n'
+           'ts=2026-01-02T03:04:05.001Z level=info logger=appliance.engine msg="peak GPU memory'
+           ' on cuda:1: 11.25 GiB allocated, 12.00 GiB reserved"\n')
+    assert serving.peak_gpu_memory_gib(log) == 11.25
+    assert serving.peak_gpu_memory_gib("level=info msg=\"Application shutdown complete.\"") is None

@@ -1,0 +1,189 @@
+"""A locked or full database: 503 with Retry-After, never a partial charge or a half-made job."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from appliance import accounts, db as appliance_db
+
+from .conftest import bearer
+
+URL = "/api/playground/images"
+
+
+def db_state(store, account) -> tuple:
+    db = store.db()
+    return (accounts.get_account(db, account.id).credits, accounts.ledger_total(db, account.id),
+            db["jobs"].count, db["job_images"].count, db["credit_ledger"].count)
+
+
+@contextlib.contextmanager
+def write_lock(path):
+    """Another writer (a backup, a CLI command) holding the database's write lock."""
+    other = sqlite3.connect(str(path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+
+
+def test_a_locked_database_gets_503_with_retry_after_and_keeps_nothing(make_client, make_config):
+    config = make_config(storage={"busy_timeout_seconds": 0.3})
+    client = make_client(app_config=config)
+    account = client.account(credits=6)
+    key = client.key(account)
+    done = client.http.post(URL, json={"prompts": ["a"]}, headers=bearer(key)).json()["jobId"]
+    client.wait_for_job(key, done)
+    before = db_state(client.store, account)
+
+    with write_lock(config.storage.database):
+        started = time.monotonic()
+        refused = client.http.post(URL, json={"prompts": ["b", "c"]}, headers=bearer(key))
+        waited = time.monotonic() - started
+        # Reading still works while another connection writes (WAL).
+        status = client.http.get(f"{URL}/{done}", headers=bearer(key))
+        openai = client.http.post("/v1/images/generations", json={"prompt": "b"},
+                                  headers=bearer(key))
+
+    assert refused.status_code == 503
+    assert refused.json() == {"error": "The database is busy with another writer; nothing was"
+                                       " changed. Try again shortly"}
+    assert int(refused.headers["retry-after"]) > 0
+    assert waited < 5, "the configured busy timeout, not the default 10 s"
+    assert status.status_code == 200 and status.json()["status"] == "completed"
+    # The OpenAI-compatible API says the same in its own shape.
+    assert openai.status_code == 503 and int(openai.headers["retry-after"]) > 0
+    assert openai.json()["error"]["message"].startswith("The database is busy")
+    assert db_state(client.store, account) == before
+
+    # The refused request left no reservation behind: the queue still takes work.
+    retry = client.http.post(URL, json={"prompts": ["b", "c"]}, headers=bearer(key))
+    assert retry.status_code == 200
+    assert client.wait_for_job(key, retry.json()["jobId"])["status"] == "completed"
+    assert client.balance(account) == 3 == accounts.ledger_total(client.store.db(), account.id)
+
+
+def test_a_full_database_file_gets_503_and_keeps_nothing(make_client, monkeypatch, store):
+    # SQLite's max_page_count makes the file "full" for the app's connections:
+    # a write that needs one more page fails with SQLITE_FULL, exactly as on a
+    # full disk. The test's own connection (`store`) is opened before, uncapped.
+    account = accounts.create_account(store.db(), "dev@example.com", "correct horse battery",
+                                      accounts.audit.Actor.cli(), credits=500)
+    real_open = appliance_db.open_database
+
+    def capped(path, *args, **kwargs):
+        db = real_open(path, *args, **kwargs)
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        db.execute(f"PRAGMA max_page_count = {pages}")
+        return db
+
+    monkeypatch.setattr(appliance_db, "open_database", capped)
+    client = make_client()
+    key = client.key(account)
+    before = db_state(store, account)
+
+    # 100 prompts of 900 characters need many new pages.
+    response = client.http.post(URL, json={"prompts": [f"{i} " + "x" * 900 for i in range(100)]},
+                                headers=bearer(key))
+
+    assert response.status_code == 503
+    assert response.json() == {"error": "The server's disk is full; nothing was changed."
+                                        " Try again later"}
+    assert int(response.headers["retry-after"]) > 0
+    assert db_state(store, account) == before
+    assert store.db().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_nested_transactions_are_all_or_nothing(store):
+    db = store.db()
+    account = accounts.create_account(db, "dev@example.com", "correct horse battery",
+                                      accounts.audit.Actor.cli(), credits=5)
+    with pytest.raises(RuntimeError), appliance_db.immediate(db):
+        accounts.change_credits(db, account.id, -2, "outer")
+        with appliance_db.immediate(db):
+            accounts.change_credits(db, account.id, -1, "inner")
+        raise RuntimeError("after the inner part committed to the outer transaction")
+    assert accounts.get_account(db, account.id).credits == 5
+    assert not db.conn.in_transaction
+
+    with appliance_db.immediate(db):
+        accounts.change_credits(db, account.id, -2, "outer")
+        with pytest.raises(accounts.InsufficientCredits), appliance_db.immediate(db):
+            accounts.change_credits(db, account.id, -1, "inner")
+            accounts.change_credits(db, account.id, -10, "inner, too much")
+    # The inner part was undone alone; the outer part stands.
+    assert accounts.get_account(db, account.id).credits == 3 == accounts.ledger_total(db, account.id)
+
+
+# A real full disk: a small tmpfs mounted for the test (needs root and a kernel
+# that lets this process mount; CI runs as root).
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    # Unbuffered, so that each write fails as itself and closing has nothing left to write.
+    with open(filler, "wb", buffering=0) as fh:
+        for size in (65536, 512):  # then the last few bytes, so not even one page is left
+            with contextlib.suppress(OSError):
+                while True:
+                    fh.write(b"\0" * size)
+    return filler
+
+
+def test_a_full_disk_gets_503_then_works_again_once_space_is_freed(
+        make_client, make_config, tiny_disk, tiny_model):
+    config = make_config(storage={"data_dir": str(tiny_disk / "data"),
+                                  "database": str(tiny_disk / "data" / "appliance.db")})
+    store = appliance_db.Store(config.storage.database)
+    try:
+        client = make_client(app_config=config)
+        client.store = store
+        account = client.account(credits=500)
+        key = client.key(account)
+        before = db_state(store, account)
+        filler = fill(tiny_disk)
+        assert shutil.disk_usage(tiny_disk).free < 4096
+
+        response = client.http.post(URL, headers=bearer(key), json={
+            "prompts": [f"{i} " + "x" * 900 for i in range(100)]})
+
+        assert response.status_code == 503, response.text
+        assert response.json()["error"] == ("The server's disk is full; nothing was changed."
+                                            " Try again later")
+        assert int(response.headers["retry-after"]) > 0
+        # Reading still works on a full disk.
+        assert client.http.get(f"{URL}/{uuid.uuid4()}", headers=bearer(key)).status_code == 404
+        filler.unlink()
+        assert db_state(store, account) == before
+        assert store.db().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+        retry = client.http.post(URL, json={"prompts": ["a", "b"]}, headers=bearer(key))
+        assert retry.status_code == 200
+        job = client.wait_for_job(key, retry.json()["jobId"])
+        assert job["status"] == "completed" and job["completedImages"] == 2
+        assert client.balance(account) == 498 == accounts.ledger_total(store.db(), account.id)
+    finally:
+        store.close()

@@ -1,0 +1,266 @@
+"""Housekeeping, the scheduler, /readyz, /metrics and the structured logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+from litestar.testing import TestClient
+
+from appliance import accounts, audit, jobs
+from appliance.app import create_app
+from appliance.config import LoggingConfig
+from appliance.db import utc_iso
+from appliance.housekeeping import Housekeeping
+from appliance.jobs import GenerationSettings
+from appliance.logs import configure_logging
+
+from .conftest import TEST_GENERATION, bearer
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def fixed_clock(moment: datetime = NOW):
+    return lambda: moment
+
+
+def add_audit_row(db, created_at: datetime, action: str) -> None:
+    db.execute("INSERT INTO audit_log (created_at, action) VALUES (?, ?)",
+               [utc_iso(created_at), action])
+    db.conn.commit()
+
+
+def audit_actions(db) -> set[str]:
+    return {row[0] for row in db.execute("SELECT action FROM audit_log")}
+
+
+def test_audit_rows_are_kept_90_days_and_pruned_after(config, store):
+    db = store.db()
+    for days in (89, 90, 91):
+        add_audit_row(db, NOW - timedelta(days=days), f"aged.{days}")
+    add_audit_row(db, NOW - timedelta(days=90, seconds=1), "aged.90-and-a-second")
+    housekeeping = Housekeeping(config, store, fixed_clock())
+
+    assert housekeeping.prune_audit() == 2
+    assert audit_actions(db) == {"aged.89", "aged.90"}
+    # Idempotent: a second run finds nothing more.
+    assert housekeeping.prune_audit() == 0
+    # A day later the 90-day row is 91 days old.
+    assert Housekeeping(config, store, fixed_clock(NOW + timedelta(days=1))).prune_audit() == 1
+    assert audit_actions(db) == {"aged.89"}
+
+
+def test_audit_retention_is_configurable(make_config, store):
+    config = make_config(housekeeping={"audit_retention_days": 30})
+    db = store.db()
+    add_audit_row(db, NOW - timedelta(days=29), "young")
+    add_audit_row(db, NOW - timedelta(days=31), "old")
+    assert Housekeeping(config, store, fixed_clock()).prune_audit() == 1
+    assert audit_actions(db) == {"young"}
+
+
+def finished_job(db, account, images_dir, finished_at: datetime, count: int = 2) -> str:
+    submitted = jobs.submit(db, account.id, None, [f"p{i}" for i in range(count)],
+                            GenerationSettings(**TEST_GENERATION))
+    for image in submitted.images:
+        path = images_dir / jobs.image_relpath(image.job_id, image.index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"png")
+    jobs.mark_running(db, submitted.images)
+    jobs.mark_completed(db, submitted.images)
+    db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?",
+               [utc_iso(finished_at), submitted.job_id])
+    db.conn.commit()
+    return submitted.job_id
+
+
+def test_image_retention_is_off_by_default_and_prunes_rows_and_files_when_set(make_config, store):
+    db = store.db()
+    account = accounts.create_account(db, "dev@example.com", "correct horse battery",
+                                      audit.Actor.cli(), credits=10)
+    default = make_config()
+    images_dir = default.images_dir
+    old = finished_job(db, account, images_dir, NOW - timedelta(days=31))
+    recent = finished_job(db, account, images_dir, NOW - timedelta(days=29))
+    unfinished = jobs.submit(db, account.id, None, ["waiting"],
+                             GenerationSettings(**TEST_GENERATION)).job_id
+    db.execute("UPDATE jobs SET created_at = ? WHERE id = ?",
+               [utc_iso(NOW - timedelta(days=400)), unfinished])
+    db.conn.commit()
+    ledger_before = accounts.ledger_total(db, account.id)
+
+    assert Housekeeping(default, store, fixed_clock()).prune_images().jobs == 0
+    assert (images_dir / old).is_dir()
+
+    pruned = Housekeeping(make_config(housekeeping={"image_retention_days": 30}), store,
+                          fixed_clock()).prune_images()
+    assert (pruned.jobs, pruned.images, pruned.files) == (1, 2, 2)
+    remaining = {row[0] for row in db.execute("SELECT id FROM jobs")}
+    assert remaining == {recent, unfinished}
+    assert not (images_dir / old).exists() and (images_dir / recent / "0.png").exists()
+    assert db.execute("SELECT COUNT(*) FROM job_images WHERE job_id = ?", [old]).fetchone()[0] == 0
+    # The ledger keeps every credit movement; the balance is untouched.
+    assert accounts.ledger_total(db, account.id) == ledger_before
+    assert accounts.get_account(db, account.id).credits == ledger_before
+
+
+def test_expired_console_sessions_are_deleted(config, store):
+    db = store.db()
+    rows = [("expired", utc_iso(NOW - timedelta(minutes=1))), ("now", utc_iso(NOW)),
+            ("live", utc_iso(NOW + timedelta(minutes=1))), ("no-expiry", None)]
+    for key, expires_at in rows:
+        db.execute("INSERT INTO console_sessions (key_hash, value, expires_at) VALUES (?, ?, ?)",
+                   [key, b"{}", expires_at])
+    db.conn.commit()
+    assert Housekeeping(config, store, fixed_clock()).prune_console_sessions() == 2
+    assert {row[0] for row in db.execute("SELECT key_hash FROM console_sessions")} == {
+        "live", "no-expiry"}
+
+
+def test_sqlite_upkeep_folds_the_wal_back(config, store):
+    db = store.db()
+    db.execute("CREATE TABLE filler (x)")
+    db.conn.executemany("INSERT INTO filler VALUES (?)", [(b"x" * 1000,)] * 500)
+    db.conn.commit()
+    wal = store.path.with_name(store.path.name + "-wal")
+    assert wal.stat().st_size > 0
+    before, after = Housekeeping(config, store).sqlite_upkeep()
+    assert before > 500_000
+    assert after == 0 == wal.stat().st_size
+    assert db.execute("SELECT COUNT(*) FROM filler").fetchone()[0] == 500
+
+
+def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(store, make_client, caplog):
+    db = store.db()
+    add_audit_row(db, datetime.now(timezone.utc) - timedelta(days=200), "ancient")
+    add_audit_row(db, datetime.now(timezone.utc), "fresh")
+    db.execute("INSERT INTO console_sessions (key_hash, value, expires_at) VALUES (?, ?, ?)",
+               ["stale", b"{}", utc_iso(datetime.now(timezone.utc) - timedelta(days=1))])
+    db.conn.commit()
+    caplog.set_level(logging.INFO, logger="appliance.housekeeping")
+
+    client = make_client()
+    scheduler = client.http.app.state.scheduler
+    assert scheduler.job_ids() == ["prune-audit", "prune-console-sessions", "prune-images",
+                                   "sqlite-upkeep"]
+    assert scheduler.scheduler.running
+    deadline = time.monotonic() + 30
+    while "ancient" in audit_actions(db) or db.execute(
+            "SELECT COUNT(*) FROM console_sessions").fetchone()[0]:
+        assert time.monotonic() < deadline, "the startup runs did not happen"
+        time.sleep(0.05)
+    assert "fresh" in audit_actions(db)
+    while "database upkeep" not in caplog.text:
+        assert time.monotonic() < deadline, "sqlite upkeep did not run at startup"
+        time.sleep(0.05)
+    assert "pruned 1 audit rows older than 90 days" in caplog.text
+    assert "deleted 1 expired console sign-ins" in caplog.text
+    # Every job is scheduled again: daily, or hourly for the sign-ins.
+    later = {job.id: job.next_run_time for job in scheduler.scheduler.get_jobs()}
+    soonest = datetime.now(timezone.utc) + timedelta(minutes=59)
+    assert all(moment > soonest for moment in later.values()), later
+
+
+def metric(text: str, line_start: str) -> float:
+    """The value of the one sample whose line starts with `line_start` (0 when absent)."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(line_start)]
+    assert len(values) <= 1, values
+    return values[0] if values else 0.0
+
+
+NOT_FOUND_BY_TEMPLATE = ('appliance_http_requests_total{app_name="appliance",method="GET",'
+                         'path="/api/playground/images/{job_id}",status_code="404"}')
+
+
+def test_readyz_and_metrics_on_a_running_app(client):
+    ready = client.http.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready",
+                            "checks": {"database": "ok", "model": "ok", "worker": "ok"}}
+    # The counters belong to the process, which other tests share: compare before and after.
+    before = client.http.get("/metrics").text
+
+    account = client.account(credits=2)
+    key = client.key(account)
+    created = client.http.post("/api/playground/images", json={"prompts": ["a", "b"]},
+                               headers=bearer(key))
+    job_id = created.json()["jobId"]
+    assert client.wait_for_job(key, job_id)["status"] == "completed"
+    for unknown in ("00000000-0000-0000-0000-000000000000", "11111111-1111-1111-1111-111111111111"):
+        client.http.get(f"/api/playground/images/{unknown}", headers=bearer(key))
+
+    text = client.http.get("/metrics").text
+    assert "appliance_queue_depth 0.0" in text
+    assert "appliance_engine_ready 1.0" in text
+    assert metric(text, "appliance_images_generated_total ") - metric(
+        before, "appliance_images_generated_total ") == 2
+    assert metric(text, "appliance_generation_seconds_count ") > metric(
+        before, "appliance_generation_seconds_count ")
+    assert 0 <= metric(text, "appliance_worker_heartbeat_age_seconds ") < 60
+    assert "# TYPE appliance_gpu_memory_bytes gauge" in text
+    # Requests are counted by route template: two ids, one series.
+    assert metric(text, NOT_FOUND_BY_TEMPLATE) - metric(before, NOT_FOUND_BY_TEMPLATE) == 2
+    assert job_id not in text and key not in text and "00000000-0000" not in text
+
+
+def test_readyz_says_why_until_the_model_is_loaded(config):
+    release = threading.Event()
+
+    def slow_then_broken():
+        release.wait(30)
+        raise RuntimeError("no weights here")
+
+    with TestClient(create_app(config, load_generator=slow_then_broken)) as http:
+        loading = http.get("/readyz")
+        assert loading.status_code == 503 and loading.headers["retry-after"] == "5"
+        assert loading.json()["error"] == ("Not ready: the model is still loading;"
+                                           " the workers wait for the model")
+        assert loading.json()["checks"]["database"] == "ok"
+        assert http.get("/healthz").status_code == 200
+        release.set()
+        deadline = time.monotonic() + 30
+        while "could not be loaded" not in http.get("/readyz").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        failed = http.get("/readyz")
+        assert failed.status_code == 503
+        assert "the model could not be loaded: no weights here" in failed.json()["error"]
+
+
+def test_logs_are_structured_and_never_carry_secrets():
+    stream = io.StringIO()
+    key = "wi_live_" + "ab" * 32
+    try:
+        configure_logging(LoggingConfig(format="json", level="info"), stream)
+        log = logging.getLogger("appliance.test")
+        log.info("request with %s failed", key, extra={"event": "test", "password": "hunter2"})
+        log.warning("Authorization: Bearer %s; session=0123abcd; password=hunter2", key)
+        try:
+            raise ValueError(f"bad key {key}")
+        except ValueError:
+            log.exception("boom")
+        assert key[8:] not in stream.getvalue() and "hunter2" not in stream.getvalue()
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["level"] for line in lines] == ["info", "warning", "error"]
+        assert lines[0]["event"] == "test" and lines[0]["logger"] == "appliance.test"
+        assert lines[0]["password"] == "[redacted]"
+        assert "ValueError" in lines[2]["exc"]
+
+        stream.truncate(0)
+        stream.seek(0)
+        configure_logging(LoggingConfig(format="logfmt", level="info"), stream)
+        log.info("made %d images", 3, extra={"event": "made", "count": 3})
+        line = stream.getvalue().strip()
+        assert re.fullmatch(r'ts=\S+Z level=info logger=appliance\.test msg="made 3 images"'
+                            r' event=made count=3', line), line
+    finally:
+        configure_logging(LoggingConfig())
+    everything = stream.getvalue()
+    assert key not in everything and key[8:] not in everything
+    assert "hunter2" not in everything and "0123abcd" not in everything
