@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,16 @@ from appliance.bench import (BenchOptions, append_markdown, architecture, markdo
                              tflop_per_image)
 from appliance.bench import serving
 from appliance.cli import main
+
+
+@pytest.fixture(autouse=True)
+def root_handlers_restored():
+    """main() points the root logger at this test's captured stderr, which closes after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, capsys):

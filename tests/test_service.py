@@ -110,7 +110,7 @@ def test_ready_only_when_loaded_and_watchdog_only_while_the_worker_comes_back(
     assert f"running (pid {process.pid}) and ready" in doctor.stdout
     assert "tiny demo model" in doctor.stdout
 
-    # A batch of several seconds even on a fast CPU (the largest size the default
+    # A batch of several seconds even on a fast CPU (the most steps the default
     # bounds allow): the worker does not come back, the pings stop.
     cli(config, "accounts", "create", "dev@example.com", "--credits", "1", "--password-stdin",
         stdin="correct horse battery\n")
@@ -118,7 +118,7 @@ def test_ready_only_when_loaded_and_watchdog_only_while_the_worker_comes_back(
     headers = {"Authorization": f"Bearer {key}"}
     submitted_at = time.monotonic()
     job = httpx.post(f"{base}/api/playground/images", headers=headers, timeout=30, json={
-        "prompts": ["slow"], "width": 1024, "height": 1024, "steps": 40}).json()
+        "prompts": ["slow"], "width": 512, "height": 512, "steps": 100}).json()
     status, not_ready = "queued", None
     while status not in ("completed", "failed"):
         notify.collect(0.2)
@@ -127,7 +127,7 @@ def test_ready_only_when_loaded_and_watchdog_only_while_the_worker_comes_back(
             not_ready = ready.json()["error"]
         status = httpx.get(f"{base}/api/playground/images/{job['jobId']}", headers=headers,
                            timeout=5).json()["status"]
-        assert time.monotonic() - submitted_at < 120, "the job did not finish"
+        assert time.monotonic() - submitted_at < 300, "the job did not finish"
     notify.collect(1.5)
     assert status == "completed"
     pings = [t for t in notify.times("WATCHDOG=1") if t > submitted_at]

@@ -221,12 +221,14 @@ def optimize_pipeline(pipe: DiffusionPipeline, device: str, channels_last: bool)
     """Speed-ups that leave the images as they are, up to rounding: kernels, memory layout."""
     for model in _conv_models(pipe):
         _use_sdpa(model)
-        if channels_last:
-            # The fastest convolutions of cuDNN (GPU) and oneDNN (CPU) read NHWC;
-            # the weights are converted once here.
-            model.to(memory_format=torch.channels_last)
     if not device.startswith("cuda"):
+        # On the CPU, channels-last made the whole pipeline slower here
+        # (the scheduler's tensors stay NCHW, so every step converts).
         return
+    if channels_last:
+        # cuDNN's fastest convolutions read NHWC; the weights are converted once here.
+        for model in _conv_models(pipe):
+            model.to(memory_format=torch.channels_last)
     # Each batch shape is tuned once, then reused; float32 matrix work may use TF32.
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
