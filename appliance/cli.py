@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="concurrent clients, an account each (default: 4)")
     bench.add_argument("--job-size", type=_whole_number, default=8,
                        help="prompts per job (default: 8)")
+    bench.add_argument("--poll-seconds", type=float, default=1.0, metavar="SECONDS",
+                       help="how often each client asks for its job's status (default: 1, as"
+                            " the README's examples)")
     bench.add_argument("--peak-tflops", type=float, default=790.0,
                        help="the GPU's dense half-precision peak, for the compute fraction"
                             " (default: 790, an H100 or H200 SXM)")
@@ -377,7 +380,7 @@ def cmd_bench(args, config: Config) -> int:
         tiny_vae=str(Path(args.tiny_vae).resolve()) if args.tiny_vae else None,
         png_compress_level=args.png_compress_level, png_threads=args.png_threads,
         images=args.images, baseline_images=args.baseline_images, clients=args.clients,
-        job_size=args.job_size, peak_tflops=args.peak_tflops)
+        job_size=args.job_size, peak_tflops=args.peak_tflops, poll_seconds=args.poll_seconds)
     problem = check_options(options)
     if args.model and not (args.model / "model_index.json").is_file():
         # Only the configured model.path is made (the demo model) when missing.

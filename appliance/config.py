@@ -151,7 +151,8 @@ class EngineConfig:
     channels_last: bool = _setting(True)
     compile: str = _setting("off", _one_of("off", "default", "reduce-overhead", "max-autotune",
                                            "max-autotune-no-cudagraphs"))
-    # Most images the VAE decodes at once; 0 decodes a whole batch together.
+    # Most images the VAE decodes at once on a GPU; 0 decodes a whole batch together.
+    # The CPU decodes one at a time (see diffusers_generator.vae_chunk).
     vae_decode_chunk: int = _setting(8, _between(0, 256))
     # A folder with a diffusers AutoencoderTiny; empty uses the model's own VAE.
     tiny_vae: str = _setting("")

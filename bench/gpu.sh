@@ -4,15 +4,15 @@
 # real model), 512x512, the plain diffusers loop against the appliance end to
 # end, at 25 steps with guidance 7.5 and at 1 step without guidance (the
 # turbo-style setting). Each run appends a row to BENCHMARKS.md and writes its
-# JSON and log to $RESULTS. About 6 to 8 minutes on an H100, most of it
-# synthesizing the model and starting processes.
+# JSON and log to $RESULTS. Expected to take 6 to 8 minutes on an H100 (an
+# estimate: not yet timed there).
 #
 #   bench/fetch_wheels.sh    # first, where there is internet: wheels into .whl/
 #   bench/gpu.sh             # then on the GPU machine (installs .whl/ if present)
 #
 # Environment (defaults in brackets):
 #   PYTHON       the Python with a CUDA build of torch [python3]
-#   MODEL        where the SD 1.5-sized model is (made when missing) [/tmp/sd15-random]
+#   MODEL        where the SD 1.5-sized model is (made when missing) [models/sd15-random]
 #   RESULTS      folder for the JSON files, logs and a copy of BENCHMARKS.md [$OUT, else bench/results]
 #   COMPILE      engine.compile for the appliance [off]
 #   PEAK_TFLOPS  the GPU's dense fp16/bf16 peak, for the compute fraction [790: H100/H200 SXM]
@@ -21,15 +21,15 @@ set -eu -o pipefail
 
 main() {
     cd "$(dirname "$0")/.."
-    local python="${PYTHON:-python3}" model="${MODEL:-/tmp/sd15-random}"
+    local python="${PYTHON:-python3}" model="${MODEL:-models/sd15-random}"
     local results="${RESULTS:-${OUT:-bench/results}}" compile="${COMPILE:-off}"
     local peak="${PEAK_TFLOPS:-790}" table="${TABLE:-BENCHMARKS.md}"
     mkdir -p "$results"
     if [ -d .whl ]; then
         # The packages the machine's image lacks, beside (not over) its own.
         "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/appliance-site .whl/*.whl
-        export PYTHONPATH="/tmp/appliance-site${PYTHONPATH:+:$PYTHONPATH}"
+            --target .whl/site .whl/*.whl
+        export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
     fi
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -44,7 +44,9 @@ main() {
     # larger batches pay. PNG threads: random weights make noise, which PNG
     # cannot compress, so encoding is at its slowest (tens of milliseconds a
     # 512x512 image); at 1 step, where images come fastest, 12 of the 16 cores
-    # encode.
+    # encode. Clients poll every 0.25 s: with 16 cores polling costs the GPU
+    # nothing, and the clock, which stops when the last job is seen finished,
+    # runs on for less.
     local failed=0
     bench "$python" "$model" "$results" "$table" sd15-512-25steps "$compile" "$peak" \
         --steps 25 --guidance 7.5 --batch-size 16 --vae-decode-chunk 8 --png-threads 8 \
@@ -62,7 +64,7 @@ bench() {
     shift 7
     echo "=== $name"
     if ! "$python" -m appliance bench --model "$model" --device cuda --dtype auto \
-            --width 512 --height 512 --batch-window 0.05 --compile "$compile" \
+            --width 512 --height 512 --batch-window 0.05 --compile "$compile" --poll-seconds 0.25 \
             --peak-tflops "$peak" --json "$results/$name.json" --markdown "$table" "$@" \
             2> "$results/$name.log" | tee "$results/$name.txt"; then
         echo "--- $name failed; the end of its log:"

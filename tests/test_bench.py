@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from appliance.bench import (BenchOptions, append_markdown, architecture, markdown_row,
-                             tflop_per_image)
+                             options_from, server_sections, tflop_per_image)
 from appliance.bench import serving
 from appliance.cli import main
+from appliance.config import config_from_dict
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, cap
     results, table = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     code = main(["bench", "--config", str(config), "--width", "64", "--height", "64",
                  "--steps", "2", "--batch-size", "4", "--images", "8", "--baseline-images", "2",
-                 "--clients", "2", "--job-size", "2", "--json", str(results),
+                 "--clients", "2", "--job-size", "2", "--poll-seconds", "0.2", "--json", str(results),
                  "--markdown", str(table)])
     printed = capsys.readouterr().out
     with capsys.disabled():
@@ -40,7 +41,7 @@ def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, cap
     result = json.loads(results.read_text())
     appliance, baseline = result["appliance"], result["baseline"]
     assert (appliance["completed_images"], appliance["failed_images"], appliance["jobs"]) == (8, 0, 4)
-    assert baseline["images"] == 2 and baseline["device"] == "cpu"
+    assert baseline["images"] == 2 and baseline["device"] == "cpu" and result["poll_seconds"] == 0.2
     assert appliance["images_per_second"] > 0 and baseline["images_per_second"] > 0
     assert result["ratio"] == appliance["images_per_second"] / baseline["images_per_second"]
     assert 0 < appliance["job_latency_p50_s"] <= appliance["job_latency_p95_s"]
@@ -49,6 +50,8 @@ def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, cap
         "tiny", None, None)
     assert f"{appliance['images_per_second']:.3f} images/s" in printed
     assert "ratio: " in printed and "peak GPU memory: plain loop n/a on CPU" in printed
+    assert appliance["cpu_seconds"] > 0 and baseline["cpu_seconds"] > 0
+    assert "CPU time per image: plain loop" in printed
     rows = [line for line in table.read_text().splitlines() if line.startswith("| 2")]
     assert len(rows) == 1 and "| tiny (float32) | 64x64 | 2 | 7.5 | 4 | off |" in rows[0]
 
@@ -109,6 +112,7 @@ def test_rows_go_under_one_table_header(tmp_path):
         (["--images", "0"], "--images must be at least 1"),
         (["--width", "500"], "--width must be a multiple of 8 from 64 to 2048, got 500"),
         (["--model", "{tmp}/nowhere"], "nowhere is not a diffusers model folder"),
+        (["--poll-seconds", "0"], "--poll-seconds must be from 0.01 to 60, got 0.0"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line(tmp_path, capsys, arguments, message):
@@ -128,3 +132,14 @@ def test_peak_gpu_memory_is_read_from_the_servers_shutdown_log():
            ' on cuda:1: 11.25 GiB allocated, 12.00 GiB reserved"\n')
     assert serving.peak_gpu_memory_gib(log) == 11.25
     assert serving.peak_gpu_memory_gib("level=info msg=\"Application shutdown complete.\"") is None
+
+
+def test_a_relative_model_path_reaches_the_server_absolute(tmp_path, monkeypatch):
+    # The server's config file lives in a folder of its own.
+    monkeypatch.chdir(tmp_path)
+    config = config_from_dict({}, base_dir=tmp_path)
+    chosen = options_from(config, model=Path("models/mine"), images=1, baseline_images=1,
+                          clients=1, job_size=1, peak_tflops=1.0)
+    assert chosen.model == tmp_path / "models" / "mine"
+    sections = server_sections(chosen, tmp_path / "work", 8000)
+    assert sections["model"]["path"] == tmp_path / "models" / "mine"

@@ -235,6 +235,18 @@ def test_vae_decoded_in_chunks_gives_the_same_images(make_config):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
 
 
+def test_on_the_cpu_the_unet_is_channels_last_and_the_vae_decodes_one_at_a_time(make_config):
+    # What made the CPU fastest (see optimize_pipeline and vae_chunk).
+    generator = load_configured_generator(make_config(engine={"vae_decode_chunk": 8}))
+    conv_in = generator.pipe.unet.conv_in.weight
+    assert conv_in.is_contiguous(memory_format=torch.channels_last) and not conv_in.is_contiguous()
+    assert generator.pipe.vae.decoder.conv_in.weight.is_contiguous()
+    assert generator.vae_chunk == 1
+    assert diffusers_generator.vae_chunk(8, "cuda:0") == 8
+    off = load_configured_generator(make_config(engine={"channels_last": False}))
+    assert off.pipe.unet.conv_in.weight.is_contiguous()
+
+
 def write_tiny_vae(folder: Path) -> Path:
     torch.manual_seed(0)
     AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),

@@ -63,6 +63,7 @@ class BenchOptions:
     clients: int
     job_size: int
     peak_tflops: float
+    poll_seconds: float = 1.0
     startup_timeout: float = 3600.0
 
 
@@ -167,7 +168,8 @@ def run_appliance(options: BenchOptions, work: Path) -> dict[str, Any]:
     try:
         server.wait_until_up(options.startup_timeout)
         server.wait_until_generating(client_keys[0], options.startup_timeout)
-        figures = serving.drive(server, [run for run in runs if run.jobs], work / "data" / "images")
+        figures = serving.drive(server, [run for run in runs if run.jobs], work / "data" / "images",
+                                options.poll_seconds)
     finally:
         log = server.stop()
     figures["peak_gpu_memory_gib"] = serving.peak_gpu_memory_gib(log)
@@ -190,7 +192,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
         "device": baseline["device_name"],
         # One device: the one the plain loop found for "auto" too.
         "devices": devices if len(devices) > 1 else [baseline["device"]],
-        "model": str(options.model),
+        "model": _shown(options.model),
         "architecture": architecture(options.model),
         "pipeline": baseline["pipeline"],
         "dtype": baseline["dtype"],
@@ -205,6 +207,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
         "png_compress_level": options.png_compress_level,
         "clients": options.clients,
         "job_size": options.job_size,
+        "poll_seconds": options.poll_seconds,
         "baseline": baseline,
         "appliance": appliance,
         "ratio": appliance["images_per_second"] / baseline["images_per_second"],
@@ -215,6 +218,14 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
             "appliance_fraction": appliance["images_per_second"] * compute / options.peak_tflops,
         },
     }
+
+
+def _shown(path: Path) -> str:
+    """The path relative to the current folder when inside it, for results kept in a repository."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _gib(value: float | None) -> str:
@@ -230,7 +241,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         f" {result['guidance_scale']:g}",
         f"appliance: batch size {result['batch_size']}, window {result['batch_window_seconds']:g} s,"
         f" compile {result['compile']}, {len(result['devices'])} device(s), {result['clients']}"
-        f" clients, jobs of up to {result['job_size']} prompts",
+        f" clients, jobs of up to {result['job_size']} prompts, polled every"
+        f" {result.get('poll_seconds', 0.25):g} s",
         f"plain diffusers loop: {base['images']} images in {base['seconds']:.1f} s ="
         f" {base['images_per_second']:.3f} images/s",
         f"appliance end to end: {app['completed_images']} images in {app['seconds']:.1f} s ="
@@ -241,6 +253,12 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         f"peak GPU memory: plain loop {_gib(base['peak_gpu_memory_gib'])},"
         f" appliance {_gib(app['peak_gpu_memory_gib'])}",
     ]
+    if app["cpu_seconds"] and app["completed_images"]:
+        # Less skewed than wall time where other work shares the CPU.
+        loop = base["cpu_seconds"] / base["images"]
+        served = app["cpu_seconds"] / app["completed_images"]
+        lines.append(f"CPU time per image: plain loop {loop:.3f} s, appliance server"
+                     f" {served:.3f} s ({loop / served:.2f}x)")
     if compute is None:
         lines.append("compute fraction: n/a (counted for the SD 1.5 architecture at 512x512"
                      " on a GPU only)")
@@ -306,6 +324,8 @@ def check_options(options: BenchOptions) -> str | None:
         return f"--png-compress-level must be 0 to 9, got {options.png_compress_level}"
     if options.peak_tflops <= 0 or options.guidance < 0 or options.batch_window < 0:
         return "--peak-tflops must be positive, --guidance and --batch-window not negative"
+    if not 0.01 <= options.poll_seconds <= 60:
+        return f"--poll-seconds must be from 0.01 to 60, got {options.poll_seconds}"
     if not (options.model / "model_index.json").is_file() and options.model.exists():
         return f"{options.model} is not a diffusers model folder (no model_index.json)"
     return None
@@ -326,4 +346,6 @@ def options_from(config: Config, **overrides: Any) -> BenchOptions:
         "channels_last": engine.channels_last,
     }
     values.update({key: value for key, value in overrides.items() if value is not None})
+    # The server's config lives in another folder: a relative path would point elsewhere.
+    values["model"] = Path(values["model"]).resolve()
     return BenchOptions(**values)

@@ -60,13 +60,15 @@ def run(model: Path, device: str, dtype: str, prompts: list[str], width: int, he
     if on_cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for index, prompt in enumerate(prompts):
         make(prompt).save(out / f"{index}.png", compress_level=compress_level)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     return {
         "images": len(prompts),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "images_per_second": len(prompts) / seconds,
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_cuda else None,
         "device": device,
