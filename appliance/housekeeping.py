@@ -23,6 +23,10 @@ Clock = Callable[[], datetime]
 # Jobs are pruned a slice at a time so the write lock is never held for long.
 PRUNE_SLICE = 200
 
+# A PNG is written to a temporary file and renamed into place in milliseconds;
+# one this old was left by a process killed mid-write and will never be renamed.
+PARTIAL_FILE_AGE = timedelta(hours=1)
+
 
 def utc_clock() -> datetime:
     return datetime.now(timezone.utc)
@@ -93,6 +97,22 @@ class Housekeeping:
         count = sum(1 for path in folder.iterdir() if path.is_file())
         shutil.rmtree(folder, ignore_errors=True)
         return count
+
+    def remove_partial_files(self) -> int:
+        """Deletes the temporary files of PNG writes cut off by a crash; returns how many."""
+        cutoff = (self.clock() - PARTIAL_FILE_AGE).timestamp()
+        removed = 0
+        # Named like ".3.k2j4h1.tmp" beside the job's PNGs (see write_png_atomic).
+        for path in self.config.images_dir.glob("*/.*.tmp"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # gone meanwhile: a job pruned at the same moment
+                continue
+        log.info("removed %d partial image files left by interrupted writes", removed,
+                 extra={"event": "housekeeping.partial_files", "removed": removed})
+        return removed
 
     def prune_console_sessions(self) -> int:
         """Deletes console sessions whose expiry has passed (the store refuses them already)."""

@@ -41,6 +41,7 @@ class Scheduler:
             ("prune-audit", housekeeping.prune_audit, DAILY),
             ("prune-images", housekeeping.prune_images, DAILY),
             ("prune-console-sessions", housekeeping.prune_console_sessions, HOURLY),
+            ("remove-partial-files", housekeeping.remove_partial_files, DAILY),
             ("sqlite-upkeep", housekeeping.sqlite_upkeep, DAILY),
         ]
         now = datetime.now(timezone.utc)

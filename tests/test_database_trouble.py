@@ -6,11 +6,13 @@ import contextlib
 import shutil
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from appliance import accounts, db as appliance_db
 
@@ -71,6 +73,53 @@ def test_a_locked_database_gets_503_with_retry_after_and_keeps_nothing(make_clie
     assert retry.status_code == 200
     assert client.wait_for_job(key, retry.json()["jobId"])["status"] == "completed"
     assert client.balance(account) == 3 == accounts.ledger_total(client.store.db(), account.id)
+
+
+class GatedGenerator:
+    """Flat images, or an error, once the test opens the gate."""
+
+    def __init__(self, fails: bool):
+        self.fails = fails
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def generate(self, prompts, seeds, settings):
+        self.entered.set()
+        assert self.gate.wait(30)
+        if self.fails:
+            raise RuntimeError("out of memory")
+        return [Image.new("RGB", (settings.width, settings.height)) for _ in prompts]
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["made", "failed"])
+def test_a_batch_ending_while_the_database_is_locked_is_recorded_once_it_frees(
+        make_client, make_config, caplog, fails):
+    config = make_config(storage={"busy_timeout_seconds": 0.2}, engine={"batch_size": 2})
+    generator = GatedGenerator(fails)
+    client = make_client(load_generator=lambda: generator, app_config=config)
+    account = client.account(credits=3)
+    key = client.key(account)
+    job_id = client.http.post(URL, json={"prompts": ["a", "b"]}, headers=bearer(key)).json()["jobId"]
+    assert generator.entered.wait(30)
+
+    with write_lock(config.storage.database):
+        generator.gate.set()
+        deadline = time.monotonic() + 20
+        while "could not record the end of a batch" not in caplog.text:
+            assert time.monotonic() < deadline, "the worker never met the locked database"
+            time.sleep(0.05)
+        still = client.http.get(f"{URL}/{job_id}", headers=bearer(key)).json()
+        assert still["status"] == "processing"
+
+    # No restart needed: the end is recorded once the lock is gone, and paid for once.
+    job = client.wait_for_job(key, job_id)
+    if fails:
+        assert (job["status"], job["failedImages"], job["creditsRefunded"]) == ("failed", 2, 2)
+        assert client.balance(account) == 3
+    else:
+        assert (job["status"], job["completedImages"], job["creditsRefunded"]) == ("completed", 2, 0)
+        assert client.balance(account) == 1
+    assert accounts.ledger_total(client.store.db(), account.id) == client.balance(account)
 
 
 def test_a_full_database_file_gets_503_and_keeps_nothing(make_client, monkeypatch, store):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -135,6 +136,24 @@ def test_sqlite_upkeep_folds_the_wal_back(config, store):
     assert db.execute("SELECT COUNT(*) FROM filler").fetchone()[0] == 500
 
 
+def test_partial_files_of_interrupted_writes_are_removed_once_an_hour_old(config, store):
+    folder = config.images_dir / "job-1"
+    folder.mkdir(parents=True)
+    stale, fresh, png = folder / ".0.x1y2z3.tmp", folder / ".1.a1b2c3.tmp", folder / "0.png"
+    for path in (stale, fresh, png):
+        path.write_bytes(b"x")
+    hour_ago = (NOW - timedelta(hours=1, seconds=1)).timestamp()
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(png, (hour_ago, hour_ago))
+    just_now = (NOW - timedelta(minutes=59)).timestamp()
+    os.utime(fresh, (just_now, just_now))
+
+    assert Housekeeping(config, store, fixed_clock()).remove_partial_files() == 1
+    # A write that may still be under way, and every finished PNG, stay.
+    assert not stale.exists() and fresh.exists() and png.exists()
+    assert Housekeeping(config, store, fixed_clock()).remove_partial_files() == 0
+
+
 def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(store, make_client, caplog):
     db = store.db()
     add_audit_row(db, datetime.now(timezone.utc) - timedelta(days=200), "ancient")
@@ -147,7 +166,7 @@ def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(store, make_cli
     client = make_client()
     scheduler = client.http.app.state.scheduler
     assert scheduler.job_ids() == ["prune-audit", "prune-console-sessions", "prune-images",
-                                   "sqlite-upkeep"]
+                                   "remove-partial-files", "sqlite-upkeep"]
     assert scheduler.scheduler.running
     deadline = time.monotonic() + 30
     while "ancient" in audit_actions(db) or db.execute(

@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 # writers instead of piling images up in memory.
 BATCHES_IN_FLIGHT = 3
 
+# Waits between tries to record a batch's end while the database is locked
+# (a long backup, another writer) or full; the last repeats until it works.
+RECORD_RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
 
 class ImageGenerator(Protocol):
     """Makes a batch's images. A generator may also have `launch(prompts, seeds,
@@ -127,10 +131,9 @@ class Worker(threading.Thread):
     def _batch_ended(self, batch: list[QueuedImage], images: BatchImages | None,
                      saved: list[QueuedImage], failed: dict[QueuedImage, str]) -> None:
         try:
-            db = self.store.db()
             seconds = images.seconds if images is not None and images.seconds is not None else 0.0
             if saved:
-                jobs.mark_completed(db, saved)
+                self._until_recorded(lambda: jobs.mark_completed(self.store.db(), saved))
                 metrics.images_generated(len(saved), seconds)
                 log.info("generated %d images in %.2f s", len(saved), seconds)
             by_error: dict[str, list[QueuedImage]] = defaultdict(list)
@@ -139,12 +142,34 @@ class Worker(threading.Thread):
             for error, items in by_error.items():
                 if images is not None:  # a failure at launch was logged with its traceback
                     log.error("%d of a batch of %d images failed: %s", len(items), len(batch), error)
-                jobs.mark_failed(db, items, error)
+                # mark_failed refunds only images still owed, so a retry cannot refund twice.
+                self._until_recorded(
+                    lambda items=items, error=error: jobs.mark_failed(self.store.db(), items, error))
                 metrics.images_failed(len(items))
         except Exception:  # noqa: BLE001 - the rows stay running and are redone at the next start
             log.exception("could not record the end of a batch of %d images", len(batch))
         finally:
             self._in_flight.release()
+
+    def _until_recorded(self, record: Callable[[], None]) -> None:
+        """Runs `record` (one transaction) until a locked or full database lets it through.
+
+        Given up only at shutdown; the images then stay running and are made
+        again at the next start. Meanwhile this writer thread waits, and with
+        it, once BATCHES_IN_FLIGHT batches wait, the worker: no new batch
+        starts while none can end.
+        """
+        delays = iter(RECORD_RETRY_SECONDS)
+        while True:
+            try:
+                record()
+                return
+            except sqlite3.OperationalError as exc:
+                delay = next(delays, RECORD_RETRY_SECONDS[-1])
+                log.warning("could not record the end of a batch (%s); trying again in %g s",
+                            exc, delay)
+                if self._stopping.wait(delay):
+                    raise
 
 
 def _launch(generator: ImageGenerator, batch: list[QueuedImage], started: float) -> BatchImages:
