@@ -66,6 +66,23 @@ def test_position_counts_the_images_ahead_of_a_job_in_turn_order():
     assert [order.index(job) for job in ("first", "second", "third")] == [0, 1, 4]
 
 
+def test_a_discarded_job_leaves_the_line_and_frees_its_places():
+    queue = ImageQueue(capacity=5)
+    kept = [QueuedImage(1, "kept", 1, 0, "p", 0, SMALL), QueuedImage(4, "kept", 1, 1, "p", 1, LARGE)]
+    dropped = [QueuedImage(2, "dropped", 2, 0, "p", 0, SMALL),
+               QueuedImage(3, "dropped", 2, 1, "p", 1, LARGE)]
+    other = [QueuedImage(5, "other", 3, 0, "p", 0, SMALL)]
+    queue.put_recovered([kept[0], dropped[0], other[0], dropped[1], kept[1]])
+    assert queue.position("other") == 2
+
+    assert queue.discard("dropped") == 2 and queue.discard("dropped") == 0
+    assert len(queue) == 3 and queue.position("other") == 1 and queue.position("dropped") is None
+    queue.reserve(2)  # the two places are free again
+    assert [i.image_id for i in queue.take_batch(5, timeout=0)] == [1, 5]
+    assert [i.image_id for i in queue.take_batch(5, timeout=0)] == [4]
+    assert len(queue) == 0
+
+
 def account_images(account: int, count: int, settings=SMALL, start: int = 0) -> list[QueuedImage]:
     return [QueuedImage(account * 1000 + start + n, f"job-{account}", account, start + n,
                         f"prompt {n}", n, settings) for n in range(count)]

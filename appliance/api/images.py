@@ -56,6 +56,17 @@ def submit_job(state: State, owner: KeyOwner, prompts: list[str],
         lambda: jobs.submit(db, owner.account_id, owner.key_id, prompts, settings, seed))
 
 
+def cancel_job(state: State, account_id: int, job_id: str) -> int:
+    """Cancels and refunds the job's images not yet started; returns how many.
+
+    They also leave the queue at once, so they neither count in other jobs'
+    queue positions nor hold places in a full queue.
+    """
+    cancelled = jobs.cancel(state.store.db(), account_id, job_id)
+    state.engine.queue.discard(job_id)
+    return cancelled
+
+
 class ImagesController(Controller):
     path = "/api/playground/images"
     tags = ["Images"]
@@ -117,8 +128,8 @@ class ImagesController(Controller):
         responses=error_responses(401, 404, 429, 503),
     )
     def cancel(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str]) -> JobResponse:
+        cancel_job(request.app.state, request.user.account_id, job_id)
         db = request.app.state.store.db()
-        jobs.cancel(db, request.user.account_id, job_id)
         return job_response(request, jobs.get_job(db, request.user.account_id, job_id))
 
     @get(

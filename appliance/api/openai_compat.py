@@ -26,7 +26,7 @@ from ..config import Config
 from ..errors import ApplianceError
 from ..keys import KeyOwner
 from .errors import body_problem, database_error, http_error, os_error, unexpected_error
-from .images import BEARER, submit_job
+from .images import BEARER, cancel_job, submit_job
 from .schemas import (OpenAIError, OpenAIErrorBody, OpenAIImage, OpenAIImageRequest,
                       OpenAIImagesResponse, OpenAIModel, OpenAIModelList)
 
@@ -231,7 +231,7 @@ class OpenAIController(Controller):
             return jobs.get_job(state.store.db(), account_id, job_id)
 
         def cancel() -> int:
-            return jobs.cancel(state.store.db(), account_id, job_id)
+            return cancel_job(state, account_id, job_id)
 
         deadline = time.monotonic() + timeout
         while True:
