@@ -277,7 +277,20 @@ def config_from_dict(raw: dict[str, Any], base_dir: Path, source: Path | None = 
         if not isinstance(values, dict):
             raise ConfigError(f"{name} must be a table ([{name}])")
         sections[name] = _build_section(name, cls, values, base_dir)
-    return Config(**sections, source=source)
+    config = Config(**sections, source=source)
+    _check_across_sections(config)
+    return config
+
+
+def _check_across_sections(config: Config) -> None:
+    # The worker's heartbeat waits while a batch waits to fill: a stall limit
+    # no longer than that wait would call an idle worker hung (and, under
+    # systemd, have the service restarted over and over).
+    stall, window = config.health.worker_stall_seconds, config.engine.batch_window_seconds
+    if stall <= window:
+        raise ConfigError(f"health.worker_stall_seconds ({stall}) must be longer than"
+                          f" engine.batch_window_seconds ({window:g}): a worker waiting for its"
+                          " batch to fill would count as hung")
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any], base_dir: Path) -> Any:

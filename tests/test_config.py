@@ -49,6 +49,8 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[storage]\ndatabase = 3\n", "storage.database must be a path string"),
         ("server = 1\n", "server must be a table"),
         ("[server\n", "not valid TOML"),
+        ("[engine]\nbatch_window_seconds = 5\n[health]\nworker_stall_seconds = 5\n",
+         "health.worker_stall_seconds (5) must be longer than engine.batch_window_seconds (5)"),
     ],
 )
 def test_bad_settings_stop_with_one_line_naming_the_key(tmp_path, text, message):
