@@ -45,15 +45,19 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
             for code in codes}
 
 
-def submit_job(state: State, owner: KeyOwner, prompts: list[str],
+def submit_job(state: State, account_id: int, key_id: int | None, prompts: list[str],
                settings: jobs.GenerationSettings, seed: int | None,
                idempotent: idempotency.IdempotentRequest | None = None) -> jobs.Submitted:
-    """The one way a job is charged and queued, for both the native and the /v1 API."""
+    """The one way a job is charged and queued: native API, /v1 API and console.
+
+    `key_id` is the API key that asked; None for the console's playground,
+    where the signed-in account itself asked.
+    """
     db = state.store.db()
     return admission.admit(
-        db, state.engine.queue, owner.account_id, len(prompts),
+        db, state.engine.queue, account_id, len(prompts),
         state.config.limits.max_pending_images_per_account, idempotent,
-        lambda: jobs.submit(db, owner.account_id, owner.key_id, prompts, settings, seed))
+        lambda: jobs.submit(db, account_id, key_id, prompts, settings, seed))
 
 
 def cancel_job(state: State, account_id: int, job_id: str) -> int:
@@ -95,7 +99,8 @@ class ImagesController(Controller):
             steps=data.steps, guidance_scale=data.guidance_scale)
         seed = None if data.seed is None else parameters.check_seed("seed", data.seed)
         idempotent = idempotent_request(request, data)
-        submitted = submit_job(state, request.user, prompts, settings, seed, idempotent)
+        submitted = submit_job(state, request.user.account_id, request.user.key_id, prompts,
+                               settings, seed, idempotent)
         return Response(
             CreateImagesResponse(
                 job_id=submitted.job_id,

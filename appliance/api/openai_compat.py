@@ -203,8 +203,8 @@ class OpenAIController(Controller):
         config: Config = state.config
         prompts, settings, seed = _check_request(data, config)
         created = int(time.time())
-        submitted = await anyio.to_thread.run_sync(submit_job, state, request.user, prompts,
-                                                   settings, seed)
+        submitted = await anyio.to_thread.run_sync(submit_job, state, request.user.account_id,
+                                                   request.user.key_id, prompts, settings, seed)
         account_id, job_id = request.user.account_id, submitted.job_id
         job = await self._wait(state, account_id, job_id, config.openai.wait_timeout)
 

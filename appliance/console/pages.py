@@ -14,7 +14,6 @@ from .. import accounts, jobs, keys
 from ..accounts import Account
 from ..api.images import submit_job
 from ..errors import ApplianceError, BadRequest
-from ..keys import KeyOwner
 from .rendering import page
 from .security import actor
 
@@ -106,8 +105,8 @@ class ConsolePages(Controller):
         try:
             prompts = jobs.check_prompts(prompt_lines(data.prompts), state.config.limits)
             # A console job has no API key: the account itself asked for it.
-            submitted = submit_job(state, KeyOwner(account_id=request.user.id, key_id=None),  # type: ignore[arg-type]
-                                   prompts, state.default_settings, None)
+            submitted = submit_job(state, request.user.id, None, prompts,
+                                   state.default_settings, None)
         except ApplianceError as exc:
             message = exc.message
             if isinstance(exc, BadRequest) and "prompts[" in message:
