@@ -6,7 +6,6 @@ events, the command-line client); the TestClient serves everything else.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -14,13 +13,8 @@ import uvicorn
 
 from appliance import accounts, audit, keys
 from appliance.app import create_app
+from appliance.bench.serving import free_port
 from appliance.config import Config
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LiveServer:

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
+from appliance.bench.serving import answers_ok, free_port
+
 STARTUP_TIMEOUT = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(folder: Path, model: Path, **sections: dict) -> Path:
@@ -143,17 +137,9 @@ class ServeProcess:
 
     def wait_ready(self) -> None:
         """Until /readyz says the model is loaded and the worker runs."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if not self.running or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"the server did not start:\n{self.log_path.read_text()}")
-            time.sleep(0.1)
+        if not answers_ok(f"{self.url}/readyz", lambda: self.running, STARTUP_TIMEOUT, 0.1):
+            self.kill()
+            raise AssertionError(f"the server did not start:\n{self.log_path.read_text()}")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as in a power cut of the process."""

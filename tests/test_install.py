@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .test_server import free_port
+from .serve_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "ai-media-maker.service"

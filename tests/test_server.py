@@ -5,30 +5,19 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
+from appliance.bench.serving import answers_ok
+
+from .serve_process import cli, free_port
+
 DOC_PROMPTS = ["A beautiful sunset over the ocean", "A futuristic cityscape"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cli(config: Path, *args: str, stdin: str = "") -> str:
-    result = subprocess.run([sys.executable, "-m", "appliance", *args, "--config", str(config)],
-                            input=stdin, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 @pytest.fixture
@@ -47,17 +36,9 @@ def server(tmp_path):
                                    stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"server did not start:\n{log_path.read_text()}")
-        time.sleep(0.2)
+    if not answers_ok(f"{base}/healthz", lambda: process.poll() is None, 120):
+        process.kill()
+        raise AssertionError(f"server did not start:\n{log_path.read_text()}")
     yield base, config, process, log_path
     if process.poll() is None:
         process.kill()

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .test_server import cli, free_port
+from .serve_process import cli, free_port
 
 
 class NotifySocket:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -45,6 +46,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def answers_ok(url: str, alive: Callable[[], bool], timeout: float,
+               interval: float = 0.2) -> bool:
+    """Polls `url` until it answers 200: True; False once `alive()` is false or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if not alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
 
 
 def toml_value(value: Any) -> str:
@@ -93,14 +109,8 @@ class Server:
 
     def wait_until_up(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+        if not answers_ok(f"{self.base}/healthz", lambda: self.process.poll() is None, timeout):
             self._check_alive(deadline)
-            time.sleep(0.2)
 
     def wait_until_generating(self, key: str, timeout: float) -> None:
         """One image through the whole path: the model is loaded and warmed up."""
