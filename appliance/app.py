@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
 
@@ -75,6 +76,9 @@ def create_app(config: Config,
             "config": config,
             "last_used": LastUsedRecorder(),
             "rate_limiter": KeyRateLimiter(config.limits.requests_per_minute_per_key),
+            # Set when the server begins to shut down: open event streams then
+            # close, instead of holding the shutdown until its grace time ends.
+            "stopping": threading.Event(),
             "default_settings": GenerationSettings(generation.width, generation.height,
                                                    generation.steps, generation.guidance_scale),
         }),

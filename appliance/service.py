@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import logging
+import threading
 import time
 
 from typing import TYPE_CHECKING
@@ -100,12 +101,15 @@ class NotifyingServer(uvicorn.Server):
     """Says STOPPING=1 the moment shutdown begins: after a signal, uvicorn ends
     the process by re-raising it, before any code after serve() could run."""
 
-    def __init__(self, config: uvicorn.Config, notifier: Notifier):
+    def __init__(self, config: uvicorn.Config, notifier: Notifier, stopping: threading.Event):
         super().__init__(config)
         self.notifier = notifier
+        self.stopping = stopping
 
     async def shutdown(self, sockets=None) -> None:
         self.notifier.send("STOPPING=1", "STATUS=stopping")
+        # Before uvicorn waits for open responses: the event streams end now.
+        self.stopping.set()
         await super().shutdown(sockets)
 
 
@@ -120,7 +124,8 @@ def run_service(config: Config, host: str, port: int) -> int:
         app = create_app(config)
         # log_config=None: uvicorn's records go through the root logger's format.
         server = NotifyingServer(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                                timeout_graceful_shutdown=30), notifier)
+                                                timeout_graceful_shutdown=30), notifier,
+                                 app.state.stopping)
         supervisor = Supervisor(server, app, config, notifier, f"{host}:{port}")
 
         async def serve() -> None:

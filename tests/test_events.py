@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import httpx
 
 from .live_server import GatedGenerator, LiveServer, real_generator
+from .serve_process import ServeProcess, cli, launcher, write_config  # noqa: F401 (fixture)
 
 URL = "/api/playground/images"
 
@@ -93,3 +97,40 @@ def test_first_event_gives_the_queue_position_and_others_get_a_plain_404(make_co
     assert [name for name, _ in events] == ["image", "progress", "end"]
     assert [data["status"] for _, data in events] == ["cancelled"] * 3
     assert events[1][1]["queuePosition"] is None and events[1][1]["cancelledImages"] == 1
+
+
+def test_streams_close_when_the_service_stops_instead_of_holding_it_up(tmp_path, tiny_model,
+                                                                       launcher):
+    # The point is the process's shutdown: a real `appliance serve`.
+    config = write_config(tmp_path, tiny_model, engine={"batch_size": 1})
+    server = ServeProcess(config, tmp_path / "serve.log", launcher).start()
+    cli(config, "accounts", "create", "dev@example.com", "--credits", "60", "--password-stdin",
+        stdin="correct horse battery\n")
+    key = cli(config, "keys", "create", "dev@example.com", "--name", "Test").splitlines()[-1]
+    headers = {"Authorization": f"Bearer {key}"}
+    # Far more work than the 30 s of grace uvicorn gives open responses.
+    job = httpx.post(f"{server.url}{URL}", headers=headers, timeout=30, json={
+        "prompts": [f"p{i}" for i in range(60)], "steps": 100}).json()
+
+    lines = []
+    with httpx.stream("GET", f"{server.url}{URL}/{job['jobId']}/events", headers=headers,
+                      timeout=60) as stream:
+        received = stream.iter_lines()
+        for line in received:
+            lines.append(line)
+            if line == "event: image":
+                break  # the stream is live and the work under way
+        os.kill(server.pid, signal.SIGTERM)
+        stopped_at = time.monotonic()
+        lines += list(received)
+    closed_after = time.monotonic() - stopped_at
+    while server.running:
+        assert time.monotonic() - stopped_at < 60, "the service did not stop"
+        time.sleep(0.05)
+    exited_after = time.monotonic() - stopped_at
+
+    names = [name for name, _ in read_events(lines)]
+    assert "end" not in names and names[0] == "progress" and "image" in names
+    assert closed_after < 5, closed_after
+    assert exited_after < 15, exited_after
+    assert "Application shutdown complete" in (tmp_path / "serve.log").read_text()

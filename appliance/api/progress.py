@@ -38,7 +38,9 @@ DESCRIPTION = """A `text/event-stream` of the job's progress; it closes when the
 - `event: end`: the job, as GET /api/playground/images/{jobId} answers it; the
   last event.
 
-Lines starting with `:` are keep-alive comments."""
+Lines starting with `:` are keep-alive comments. When the service shuts down
+the stream closes without `end`: the job goes on after the restart; read it
+with GET /api/playground/images/{jobId} or open the stream again."""
 
 
 def _event(name: str, payload: msgspec.Struct) -> ServerSentEventMessage:
@@ -79,6 +81,8 @@ async def job_events(request: Request, first: jobs.JobView,
             yield _event("progress", current)
         if job.status in ENDED_JOB:
             yield _event("end", job_response(request, job))
+            return
+        if state.stopping.is_set():
             return
         if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
             last_sent = time.monotonic()
