@@ -75,7 +75,7 @@ def test_a_discarded_job_leaves_the_line_and_frees_its_places():
     queue.put_recovered([kept[0], dropped[0], other[0], dropped[1], kept[1]])
     assert queue.position("other") == 2
 
-    assert queue.discard("dropped") == 2 and queue.discard("dropped") == 0
+    assert queue.discard(2, "dropped") == 2 and queue.discard(2, "dropped") == 0
     assert len(queue) == 3 and queue.position("other") == 1 and queue.position("dropped") is None
     queue.reserve(2)  # the two places are free again
     assert [i.image_id for i in queue.take_batch(5, timeout=0)] == [1, 5]

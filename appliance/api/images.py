@@ -67,7 +67,7 @@ def cancel_job(state: State, account_id: int, job_id: str) -> int:
     queue positions nor hold places in a full queue.
     """
     cancelled = jobs.cancel(state.store.db(), account_id, job_id)
-    state.engine.queue.discard(job_id)
+    state.engine.queue.discard(account_id, job_id)
     return cancelled
 
 

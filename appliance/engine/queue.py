@@ -132,26 +132,27 @@ class ImageQueue:
         self._count -= len(batch)
         return batch
 
-    def discard(self, job_id: str) -> int:
-        """Drops the job's images still in line (cancelled); returns how many.
+    def discard(self, account_id: int, job_id: str) -> int:
+        """Drops the account's job's images still in line (cancelled); returns how many.
 
         The worker would skip them anyway (it starts only images still queued
         in the database); dropped now, they stop holding places meanwhile.
         """
         with self._cond:
+            lanes = self._lanes.get(account_id)
+            if lanes is None:
+                return 0
             removed = 0
-            for account_id in list(self._lanes):
-                lanes = self._lanes[account_id]
-                for settings in list(lanes):
-                    kept = deque(e for e in lanes[settings] if e.image.job_id != job_id)
-                    removed += len(lanes[settings]) - len(kept)
-                    if kept:
-                        lanes[settings] = kept
-                    else:
-                        del lanes[settings]
-                if not lanes:
-                    del self._lanes[account_id]
-                    self._turns.remove(account_id)
+            for settings in list(lanes):
+                kept = deque(e for e in lanes[settings] if e.image.job_id != job_id)
+                removed += len(lanes[settings]) - len(kept)
+                if kept:
+                    lanes[settings] = kept
+                else:
+                    del lanes[settings]
+            if not lanes:
+                del self._lanes[account_id]
+                self._turns.remove(account_id)
             self._count -= removed
             return removed
 
