@@ -242,7 +242,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         f"appliance: batch size {result['batch_size']}, window {result['batch_window_seconds']:g} s,"
         f" compile {result['compile']}, {len(result['devices'])} device(s), {result['clients']}"
         f" clients, jobs of up to {result['job_size']} prompts, polled every"
-        f" {result.get('poll_seconds', 0.25):g} s",
+        f" {result['poll_seconds']:g} s",
         f"plain diffusers loop: {base['images']} images in {base['seconds']:.1f} s ="
         f" {base['images_per_second']:.3f} images/s",
         f"appliance end to end: {app['completed_images']} images in {app['seconds']:.1f} s ="
