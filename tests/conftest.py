@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
-from appliance import accounts, audit, keys
-from appliance.app import create_app
-from appliance.config import Config, config_from_dict
-from appliance.db import Store
+from appliance.accounts import accounts, audit, keys
+from appliance.core.config import Config, config_from_dict
+from appliance.core.database import ConnectionPool
 from appliance.engine.synth import synthesize
+from appliance.web.app import create_app
 
 # Every key and password the suite makes, and every log line, for test_secrets.py.
 from .secret_watch import pytest_collection_modifyitems, secret_watch  # noqa: F401
@@ -49,28 +49,28 @@ def config(make_config) -> Config:
 
 
 @pytest.fixture
-def store(config) -> Iterator[Store]:
-    store = Store(config.storage.database)
-    yield store
-    store.close()
+def database(config) -> Iterator[ConnectionPool]:
+    database = ConnectionPool(config.storage.database)
+    yield database
+    database.close()
 
 
 class Client:
     """A TestClient with the helpers the API tests share."""
 
-    def __init__(self, client: TestClient, store: Store):
+    def __init__(self, client: TestClient, database: ConnectionPool):
         self.http = client
-        self.store = store
+        self.database = database
 
     def account(self, email: str = "dev@example.com", credits: int = 6) -> accounts.Account:
-        return accounts.create_account(self.store.db(), email, "correct horse battery",
+        return accounts.create_account(self.database.db(), email, "correct horse battery",
                                        audit.Actor.cli(), credits=credits)
 
     def key(self, account: accounts.Account, name: str = "Production") -> str:
-        return keys.create_key(self.store.db(), account.id, name, audit.Actor.cli())[1]
+        return keys.create_key(self.database.db(), account.id, name, audit.Actor.cli())[1]
 
     def balance(self, account: accounts.Account) -> int:
-        return accounts.get_account(self.store.db(), account.id).credits
+        return accounts.get_account(self.database.db(), account.id).credits
 
     def wait_for_job(self, key: str, job_id: str, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -88,7 +88,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def make_client(config, store) -> Iterator[Callable[..., Client]]:
+def make_client(config, database) -> Iterator[Callable[..., Client]]:
     """Starts the app (lifespan, worker, model) with an optional generator replacement."""
     clients: list[TestClient] = []
 
@@ -102,7 +102,7 @@ def make_client(config, store) -> Iterator[Callable[..., Client]]:
             if app.state.engine.worker.load_error or time.monotonic() > deadline:
                 raise AssertionError(f"engine not ready: {app.state.engine.worker.load_error}")
             time.sleep(0.02)
-        return Client(client, store)
+        return Client(client, database)
 
     yield make
     for client in clients:

@@ -6,8 +6,8 @@ from typing import Any
 
 from litestar.testing import TestClient
 
-from appliance.console import CSRF_COOKIE
-from appliance.console.sessions import COOKIE_NAME
+from appliance.web.console import CSRF_COOKIE
+from appliance.web.console.sessions import COOKIE_NAME
 
 PASSWORD = "correct horse battery"
 HTML = {"Accept": "text/html"}

@@ -11,10 +11,10 @@ import time
 
 import uvicorn
 
-from appliance import accounts, audit, keys
-from appliance.app import create_app
+from appliance.accounts import accounts, audit, keys
 from appliance.bench.serving import free_port
-from appliance.config import Config
+from appliance.core.config import Config
+from appliance.web.app import create_app
 
 
 class LiveServer:
@@ -44,7 +44,7 @@ class LiveServer:
 
     @property
     def db(self):
-        return self.app.state.store.db()
+        return self.app.state.database.db()
 
     def account_with_key(self, email: str = "dev@example.com", credits: int = 6):
         account = accounts.create_account(self.db, email, "correct horse battery",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance import accounts, keys
+from appliance.accounts import accounts, keys
 
 HEX_RUN = re.compile(rb"[0-9a-f]{64}")
 

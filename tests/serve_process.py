@@ -60,7 +60,7 @@ def cli(config: Path, *args: str, stdin: str = "") -> str:
 # the command's own code, and dies by SIGKILL like any other.
 _LAUNCHER = r"""
 import os, signal, sys, traceback
-import appliance.app, appliance.cli, appliance.engine.diffusers_generator
+import appliance.web.app, appliance.cli.main, appliance.engine.diffusers_generator
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the servers
 for line in sys.stdin:
     config, log = line.rstrip("\n").split("\t")
@@ -73,7 +73,7 @@ for line in sys.stdin:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
         code = 1
         try:
-            code = appliance.cli.main(["serve", "--config", config])
+            code = appliance.cli.main.main(["serve", "--config", config])
         except BaseException:
             traceback.print_exc()
         finally:

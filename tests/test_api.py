@@ -9,8 +9,8 @@ import uuid
 import pytest
 from PIL import Image
 
-from appliance import accounts, keys
-from appliance.audit import Actor
+from appliance.accounts import accounts, keys
+from appliance.accounts.audit import Actor
 
 from .conftest import bearer
 
@@ -46,7 +46,7 @@ def test_documented_request_charges_and_completes_with_two_pngs(client):
         # Random weights give noise, never a flat image.
         assert any(low < high for low, high in decoded.getextrema())
     assert client.balance(account) == 4
-    assert accounts.ledger_total(client.store.db(), account.id) == 4
+    assert accounts.ledger_total(client.database.db(), account.id) == 4
 
 
 def test_seeds_are_recorded_and_differ_between_images(client):
@@ -87,7 +87,7 @@ def test_deleted_key_is_refused_at_once(client):
     account = client.account()
     key = client.key(account)
     assert client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(key)).status_code == 200
-    keys.delete_key(client.store.db(), account.id, key[:12], Actor(ip_address="127.0.0.1"))
+    keys.delete_key(client.database.db(), account.id, key[:12], Actor(ip_address="127.0.0.1"))
     response = client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(key))
     assert (response.status_code, response.json()) == (401, {"error": "Invalid API key"})
     assert client.balance(account) == 5
@@ -99,7 +99,7 @@ def test_insufficient_credits_charges_nothing(client):
     response = client.http.post(URL, json={"prompts": ["a", "b", "c"]}, headers=bearer(key))
     assert (response.status_code, response.json()) == (402, {"error": "Insufficient credits"})
     assert client.balance(account) == 2
-    db = client.store.db()
+    db = client.database.db()
     assert db["jobs"].count == 0 and db["credit_ledger"].count == 1  # only the initial grant
 
 
@@ -130,7 +130,7 @@ def test_bad_bodies_get_a_clear_400_and_cost_nothing(client, content, error):
     assert response.status_code == 400
     assert response.json()["error"].startswith(error)
     assert client.balance(account) == 1000
-    assert client.store.db()["jobs"].count == 0
+    assert client.database.db()["jobs"].count == 0
 
 
 def test_another_accounts_job_is_answered_like_an_unknown_one(client):
@@ -203,7 +203,7 @@ def test_failed_images_are_refunded_through_the_ledger(make_client):
     assert all(image["status"] == "failed" and "url" not in image for image in job["images"])
     assert "RuntimeError" in job["images"][0]["error"]
     assert client.balance(account) == 6
-    db = client.store.db()
+    db = client.database.db()
     assert accounts.ledger_total(db, account.id) == 6
     reasons = [r["reason"] for r in db.query(
         "SELECT reason FROM credit_ledger WHERE account_id = ? ORDER BY id", [account.id])]
@@ -222,9 +222,9 @@ def test_unfinished_image_is_not_served(client):
 def test_last_used_is_recorded_on_use(client):
     account = client.account()
     key = client.key(account)
-    assert keys.list_keys(client.store.db(), account.id)[0].last_used_at is None
+    assert keys.list_keys(client.database.db(), account.id)[0].last_used_at is None
     client.http.get(f"{URL}/{uuid.uuid4()}", headers=bearer(key))
-    assert keys.list_keys(client.store.db(), account.id)[0].last_used_at is not None
+    assert keys.list_keys(client.database.db(), account.id)[0].last_used_at is not None
 
 
 def test_openapi_document_describes_the_routes_and_errors(client):

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from appliance import accounts, audit, jobs
-from appliance.cli import main
-from appliance.backup import create_backup, integrity_problem, restore_backup
-from appliance.db import Store
+from appliance.accounts import accounts, audit
+from appliance.cli.main import main
+from appliance.core.database import ConnectionPool
+from appliance.core.errors import ApplianceError, Conflict
 from appliance.engine.storage import write_png_atomic
-from appliance.errors import ApplianceError, Conflict
-from appliance.jobs import GenerationSettings
-from appliance.lock import service_lock
+from appliance.jobs.models import GenerationSettings
+from appliance.jobs.store import image_relpath, mark_completed, mark_running, submit
+from appliance.ops.backup import create_backup, integrity_problem, restore_backup
+from appliance.ops.lock import service_lock
 
 from .conftest import TEST_GENERATION
 
@@ -28,9 +29,9 @@ SETTINGS = GenerationSettings(**TEST_GENERATION)
 class JobWriter(threading.Thread):
     """Submits jobs as fast as it can, each in its own transaction, like the API does."""
 
-    def __init__(self, store: Store, account_id: int):
+    def __init__(self, database: ConnectionPool, account_id: int):
         super().__init__(daemon=True)
-        self.store = store
+        self.database = database
         self.account_id = account_id
         self.committed: list[str] = []
         self.stop = threading.Event()
@@ -38,9 +39,9 @@ class JobWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            db = self.store.db()
+            db = self.database.db()
             while not self.stop.is_set():
-                submitted = jobs.submit(db, self.account_id, None, ["a", "b", "c"], SETTINGS)
+                submitted = submit(db, self.account_id, None, ["a", "b", "c"], SETTINGS)
                 self.committed.append(submitted.job_id)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
@@ -50,19 +51,19 @@ def restored_rows(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def test_backup_while_jobs_are_written_restores_every_committed_row(make_config, store, tmp_path):
+def test_backup_while_jobs_are_written_restores_every_committed_row(make_config, database, tmp_path):
     config = make_config()
-    db = store.db()
+    db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=1_000_000)
-    finished = jobs.submit(db, account.id, None, ["kept"], SETTINGS)
-    jobs.mark_running(db, finished.images)
-    png = config.images_dir / jobs.image_relpath(finished.job_id, 0)
+    finished = submit(db, account.id, None, ["kept"], SETTINGS)
+    mark_running(db, finished.images)
+    png = config.images_dir / image_relpath(finished.job_id, 0)
     write_png_atomic(Image.new("RGB", (8, 8), "red"), png)
-    jobs.mark_completed(db, finished.images)
+    mark_completed(db, finished.images)
     config.secret_file.write_text("s" * 64)
 
-    writer = JobWriter(store, account.id)
+    writer = JobWriter(database, account.id)
     writer.start()
     while len(writer.committed) < 50:
         assert writer.error is None, writer.error
@@ -101,19 +102,19 @@ def test_backup_while_jobs_are_written_restores_every_committed_row(make_config,
     balance = conn.execute("SELECT credits FROM accounts").fetchone()[0]
     assert balance == conn.execute("SELECT SUM(delta) FROM credit_ledger").fetchone()[0]
     conn.close()
-    assert (other.images_dir / jobs.image_relpath(finished.job_id, 0)).read_bytes() == png.read_bytes()
+    assert (other.images_dir / image_relpath(finished.job_id, 0)).read_bytes() == png.read_bytes()
     assert other.secret_file.read_text() == "s" * 64
     print(f"jobs committed while the backup ran: {written_during}")
 
 
-def test_restore_refuses_while_the_service_runs_and_keeps_what_it_replaces(make_config, store,
+def test_restore_refuses_while_the_service_runs_and_keeps_what_it_replaces(make_config, database,
                                                                            tmp_path):
     config = make_config()
-    db = store.db()
+    db = database.db()
     accounts.create_account(db, "before@example.com", "correct horse battery", audit.Actor.cli())
     create_backup(config, tmp_path / "backup")
     accounts.create_account(db, "after@example.com", "correct horse battery", audit.Actor.cli())
-    store.close()
+    database.close()
 
     with service_lock(config.storage.data_dir, "start the service"):
         with pytest.raises(Conflict, match="cannot restore: the service is running"):
@@ -132,7 +133,7 @@ def test_restore_refuses_while_the_service_runs_and_keeps_what_it_replaces(make_
     kept.close()
 
 
-def test_backup_and_restore_refuse_what_they_cannot_do(make_config, store, tmp_path):
+def test_backup_and_restore_refuse_what_they_cannot_do(make_config, database, tmp_path):
     config = make_config()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
@@ -153,7 +154,7 @@ def test_backup_and_restore_refuse_what_they_cannot_do(make_config, store, tmp_p
 def test_backup_and_restore_commands(tmp_path, capsys):
     config = tmp_path / "config.toml"
     config.write_text('[storage]\ndata_dir = "state"\ndatabase = "state/app.db"\n')
-    Store(tmp_path / "state" / "app.db").close()
+    ConnectionPool(tmp_path / "state" / "app.db").close()
 
     assert main(["backup", str(tmp_path / "b1"), "--config", str(config)]) == 0
     assert "(integrity check: ok)" in capsys.readouterr().out

@@ -8,11 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from appliance.bench import (BenchOptions, append_markdown, architecture, markdown_row,
-                             options_from, server_sections, tflop_per_image)
-from appliance.bench import serving
-from appliance.cli import main
-from appliance.config import config_from_dict
+from appliance.bench import (
+    BenchOptions,
+    append_markdown,
+    architecture,
+    markdown_row,
+    options_from,
+    server_sections,
+    serving,
+    tflop_per_image,
+)
+from appliance.cli.main import main
+from appliance.core.config import config_from_dict
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from appliance import accounts
+from appliance.accounts import accounts
 
 from .conftest import bearer
 from .live_server import GatedGenerator, real_generator
@@ -59,7 +59,7 @@ def test_cancel_refunds_images_not_started_and_settles_the_job(make_client, make
     again = client.http.delete(f"{URL}/{running['jobId']}", headers=bearer(key))
     assert again.status_code == 200 and again.json()["creditsRefunded"] == 2
 
-    db = client.store.db()
+    db = client.database.db()
     assert client.balance(account) == 9
     assert accounts.ledger_total(db, account.id) == 9
     assert ledger_reasons(db, account.id) == [
@@ -78,7 +78,7 @@ def test_a_finished_job_cannot_be_cancelled_into_a_refund(client):
     response = client.http.delete(f"{URL}/{job_id}", headers=bearer(key))
     assert response.status_code == 200
     assert (response.json()["status"], response.json()["creditsRefunded"]) == ("completed", 0)
-    assert client.balance(account) == 2 == accounts.ledger_total(client.store.db(), account.id)
+    assert client.balance(account) == 2 == accounts.ledger_total(client.database.db(), account.id)
 
 
 def test_another_accounts_job_cannot_be_cancelled(client):

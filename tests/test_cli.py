@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.db import open_database
+from appliance.core.database import open_database
 
 
 @pytest.fixture

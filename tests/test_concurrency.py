@@ -8,8 +8,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from appliance import accounts, audit, keys
-from appliance.db import Store
+from appliance.accounts import accounts, audit, keys
+from appliance.core.database import ConnectionPool
 
 from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
 
@@ -21,14 +21,14 @@ def server(tmp_path_factory, tiny_model, launcher):
     folder = tmp_path_factory.mktemp("concurrency")
     process = ServeProcess(write_config(folder, tiny_model), folder / "serve.log",
                            launcher).start()
-    store = Store(folder / "data" / "appliance.db")
-    yield process, store
-    store.close()
+    database = ConnectionPool(folder / "data" / "appliance.db")
+    yield process, database
+    database.close()
     process.stop()
 
 
-def account_with_key(store: Store, email: str, credits: int) -> tuple[accounts.Account, str]:
-    db = store.db()
+def account_with_key(database: ConnectionPool, email: str, credits: int) -> tuple[accounts.Account, str]:
+    db = database.db()
     account = accounts.create_account(db, email, "correct horse battery", audit.Actor.cli(),
                                       credits=credits)
     return account, keys.create_key(db, account.id, "Load", audit.Actor.cli())[1]
@@ -53,8 +53,8 @@ def all_at_once(count: int, request) -> list[httpx.Response]:
     return answers  # type: ignore[return-value]
 
 
-def assert_books_balance(store: Store, account: accounts.Account) -> int:
-    db = store.db()
+def assert_books_balance(database: ConnectionPool, account: accounts.Account) -> int:
+    db = database.db()
     balance = accounts.get_account(db, account.id).credits
     assert balance >= 0
     assert balance == accounts.ledger_total(db, account.id)
@@ -65,8 +65,8 @@ def assert_books_balance(store: Store, account: accounts.Account) -> int:
 
 
 def test_concurrent_requests_charge_exactly_the_affordable_ones(server):
-    process, store = server
-    account, key = account_with_key(store, "crowd@example.com", credits=12)
+    process, database = server
+    account, key = account_with_key(database, "crowd@example.com", credits=12)
     headers = {"Authorization": f"Bearer {key}"}
 
     answers = all_at_once(40, lambda c: c.post(process.url + URL, json={"prompts": ["a"]},
@@ -77,14 +77,14 @@ def test_concurrent_requests_charge_exactly_the_affordable_ones(server):
     assert all(a.json() == {"error": "Insufficient credits"} for a in answers if a.status_code == 402)
     left = sorted(a.json()["credits"] for a in answers if a.status_code == 200)
     assert left == list(range(12)), "each charge saw the balance the one before it left"
-    assert assert_books_balance(store, account) == 0
-    assert store.db().execute("SELECT COUNT(*), SUM(credits_used) FROM jobs WHERE account_id = ?",
+    assert assert_books_balance(database, account) == 0
+    assert database.db().execute("SELECT COUNT(*), SUM(credits_used) FROM jobs WHERE account_id = ?",
                               [account.id]).fetchone() == (12, 12)
 
 
 def test_concurrent_bulk_requests_never_overdraw(server):
-    process, store = server
-    account, key = account_with_key(store, "bulk@example.com", credits=10)
+    process, database = server
+    account, key = account_with_key(database, "bulk@example.com", credits=10)
     headers = {"Authorization": f"Bearer {key}"}
 
     answers = all_at_once(20, lambda c: c.post(process.url + URL, json={"prompts": ["a"] * 3},
@@ -92,12 +92,12 @@ def test_concurrent_bulk_requests_never_overdraw(server):
 
     # 3 + 3 + 3 fit in 10; after them 1 credit is left, too few for any other.
     assert Counter(a.status_code for a in answers) == {200: 3, 402: 17}
-    assert assert_books_balance(store, account) == 1
+    assert assert_books_balance(database, account) == 1
 
 
 def test_concurrent_retries_with_one_idempotency_key_charge_once(server):
-    process, store = server
-    account, key = account_with_key(store, "retry@example.com", credits=5)
+    process, database = server
+    account, key = account_with_key(database, "retry@example.com", credits=5)
     headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "upload-7f3a"}
 
     answers = all_at_once(16, lambda c: c.post(process.url + URL, json={"prompts": ["a", "b"]},
@@ -107,14 +107,14 @@ def test_concurrent_retries_with_one_idempotency_key_charge_once(server):
     assert len({a.json()["jobId"] for a in answers}) == 1
     assert len({a.text for a in answers}) == 1, "every retry gets the very first answer"
     assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 15
-    assert assert_books_balance(store, account) == 3
-    assert store.db().execute("SELECT COUNT(*) FROM jobs WHERE account_id = ?",
+    assert assert_books_balance(database, account) == 3
+    assert database.db().execute("SELECT COUNT(*) FROM jobs WHERE account_id = ?",
                               [account.id]).fetchone()[0] == 1
 
 
 def test_concurrent_requests_reusing_a_key_for_other_bodies_are_refused(server):
-    process, store = server
-    account, key = account_with_key(store, "mixup@example.com", credits=50)
+    process, database = server
+    account, key = account_with_key(database, "mixup@example.com", credits=50)
     counter = iter(range(1000))
     lock = threading.Lock()
 
@@ -130,4 +130,4 @@ def test_concurrent_requests_reusing_a_key_for_other_bodies_are_refused(server):
     refused = [a for a in answers if a.status_code == 422]
     assert len(accepted) + len(refused) == 12 and accepted and refused
     assert len({a.json()["jobId"] for a in accepted}) == 1
-    assert assert_books_balance(store, account) == 49
+    assert assert_books_balance(database, account) == 49

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import SECTIONS, Config, ConfigError, load_config
+from appliance.core.config import SECTIONS, Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

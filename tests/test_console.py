@@ -11,11 +11,11 @@ import time
 
 from litestar.testing import TestClient
 
-from appliance import accounts, audit, keys
-from appliance.app import create_app
-from appliance.db import utc_now
-from appliance.console.sessions import COOKIE_NAME
-from appliance.console.security import SECURITY_HEADERS
+from appliance.accounts import accounts, audit, keys
+from appliance.core.clock import utc_now
+from appliance.web.app import create_app
+from appliance.web.console.security import SECURITY_HEADERS
+from appliance.web.console.sessions import COOKIE_NAME
 
 from .conftest import bearer
 from .console_helpers import HTML, PASSWORD, post_form, session_id, set_session_cookie, sign_in
@@ -36,7 +36,7 @@ def digest(session: str) -> str:
 
 
 def admin(client, email: str = "admin@example.com") -> accounts.Account:
-    return accounts.create_account(client.store.db(), email, PASSWORD, audit.Actor.cli(),
+    return accounts.create_account(client.database.db(), email, PASSWORD, audit.Actor.cli(),
                                    is_admin=True, credits=0)
 
 
@@ -51,7 +51,7 @@ def wait_for_console_job(http: TestClient, job_id: str, timeout: float = 60) -> 
 
 
 def test_sign_in_rotates_the_session_id_and_sign_out_ends_it_on_the_server(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     client.account("dev@example.com")
 
     # A visitor who is not signed in gets neither a stored session nor a cookie.
@@ -90,8 +90,8 @@ def test_sign_in_rotates_the_session_id_and_sign_out_ends_it_on_the_server(clien
     assert actions == ["account.create", "login.success", "login.success", "logout"]
 
 
-def test_a_session_survives_a_restart_of_the_service(config, store):
-    accounts.create_account(store.db(), "dev@example.com", PASSWORD, audit.Actor.cli())
+def test_a_session_survives_a_restart_of_the_service(config, database):
+    accounts.create_account(database.db(), "dev@example.com", PASSWORD, audit.Actor.cli())
     with TestClient(create_app(config)) as http:
         assert sign_in(http, "dev@example.com").status_code == 303
         cookies = dict(http.cookies)
@@ -102,7 +102,7 @@ def test_a_session_survives_a_restart_of_the_service(config, store):
 
 
 def test_idle_and_absolute_timeouts_end_a_session(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     client.account("dev@example.com")
     console = client.http.app.state.config.console
 
@@ -129,7 +129,7 @@ def test_idle_and_absolute_timeouts_end_a_session(client):
 
 
 def test_forms_without_a_valid_csrf_token_are_refused_and_change_nothing(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     http.get("/login")
 
@@ -153,7 +153,7 @@ def test_failed_sign_ins_are_throttled_per_account_and_per_address_and_audited(m
                                                                                make_config):
     client = make_client(app_config=make_config(console={"max_failed_signins_per_account": 2,
                                                         "max_failed_signins_per_address": 4}))
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     client.account("other@example.com")
 
@@ -187,7 +187,7 @@ def test_failed_sign_ins_are_throttled_per_account_and_per_address_and_audited(m
 
 
 def test_a_disabled_account_cannot_sign_in_and_is_signed_out(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     sign_in(http, "dev@example.com")
     accounts.set_disabled(db, account.id, True, audit.Actor.cli())
@@ -226,7 +226,7 @@ def test_another_accounts_jobs_and_images_are_never_reachable(client):
 
 
 def test_the_playground_charges_like_the_api_and_refuses_bad_input_for_free(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     account = client.account("dev@example.com", credits=3)
     sign_in(http, "dev@example.com")
 
@@ -252,7 +252,7 @@ def test_the_playground_charges_like_the_api_and_refuses_bad_input_for_free(clie
 
 
 def test_console_key_management_is_audited_with_the_browser_address(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     sign_in(http, "dev@example.com")
 
@@ -262,7 +262,7 @@ def test_console_key_management_is_audited_with_the_browser_address(client):
     raw = re.search(r'value="(wi_live_[0-9a-f]{64})"', created.text)[1]
     listing = http.get("/console/api-keys").text
     assert raw not in listing and raw[:12] in listing and "Production" in listing
-    assert created.headers["cache-control"] == "no-store"
+    assert created.headers["cache-control"] == "no-database"
 
     info = keys.list_keys(db, account.id)[0]
     deleted = post_form(http, f"/console/api-keys/{info.id}/delete")
@@ -283,7 +283,7 @@ def test_console_key_management_is_audited_with_the_browser_address(client):
 
 
 def test_admin_pages_are_refused_to_non_admins(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     user = client.account("dev@example.com")
     sign_in(http, "dev@example.com")
     for path in ("/console/admin/accounts", "/console/admin/audit",
@@ -299,7 +299,7 @@ def test_admin_pages_are_refused_to_non_admins(client):
 
 
 def test_admins_manage_accounts_and_credits_and_export_the_audit_log(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     admin(client)
     sign_in(http, "admin@example.com")
 
@@ -386,7 +386,7 @@ def test_pages_carry_security_headers_and_cookies_are_httponly_and_samesite(clie
 
 
 def test_no_get_request_changes_state(client):
-    http, db = client.http, client.store.db()
+    http, db = client.http, client.database.db()
     user = client.account("dev@example.com")
     admin(client)
     key = keys.create_key(db, user.id, "Live", audit.Actor.cli())[0]

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance import accounts, audit
-from appliance.config import load_config
-from appliance.db import Store
+from appliance.accounts import accounts, audit
+from appliance.core.config import load_config
+from appliance.core.database import ConnectionPool
 
 from .test_server import server  # noqa: F401  (the fixture)
 
@@ -49,11 +49,11 @@ def test_a_new_user_signs_in_makes_a_key_uses_it_and_revokes_it(server, browser)
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     # What `appliance accounts create` does, without starting two more processes.
-    store = Store(load_config(config).storage.database)
-    accounts.create_account(store.db(), "new@example.com", PASSWORD, audit.Actor.cli(), credits=4)
-    accounts.create_account(store.db(), "admin@example.com", PASSWORD, audit.Actor.cli(),
+    database = ConnectionPool(load_config(config).storage.database)
+    accounts.create_account(database.db(), "new@example.com", PASSWORD, audit.Actor.cli(), credits=4)
+    accounts.create_account(database.db(), "admin@example.com", PASSWORD, audit.Actor.cli(),
                             is_admin=True)
-    store.close()
+    database.close()
     context = browser.new_context(base_url=base, viewport={"width": 1280, "height": 800},
                                   permissions=["clipboard-read", "clipboard-write"])
     page = context.new_page()

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from appliance import accounts, audit, keys
-from appliance.db import Store
+from appliance.accounts import accounts, audit, keys
+from appliance.core.database import ConnectionPool
 
 from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
 
@@ -166,11 +166,11 @@ def test_sigkill_at_random_moments_loses_nothing_and_charges_nothing_twice(
     # Small batches, so that some end (and write their PNGs) between the kills.
     config = write_config(tmp_path, tiny_model, engine={"batch_size": 2})
     db_path, images_dir = tmp_path / "data" / "appliance.db", tmp_path / "data" / "images"
-    store = Store(db_path)
-    account = accounts.create_account(store.db(), "crash@example.com", "correct horse battery",
+    database = ConnectionPool(db_path)
+    account = accounts.create_account(database.db(), "crash@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=CREDITS)
-    key = keys.create_key(store.db(), account.id, "Crash", audit.Actor.cli())[1]
-    store.close()
+    key = keys.create_key(database.db(), account.id, "Crash", audit.Actor.cli())[1]
+    database.close()
     server = ServeProcess(config, tmp_path / "serve.log", launcher)
     accepted: dict[str, int] = {}
     rounds = []

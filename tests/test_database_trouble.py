@@ -14,15 +14,17 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from appliance import accounts, db as appliance_db
+import appliance.core.database as core_database
+from appliance.accounts import accounts
+from appliance.core.database import ConnectionPool, immediate, open_database
 
 from .conftest import bearer
 
 URL = "/api/playground/images"
 
 
-def db_state(store, account) -> tuple:
-    db = store.db()
+def db_state(database, account) -> tuple:
+    db = database.db()
     return (accounts.get_account(db, account.id).credits, accounts.ledger_total(db, account.id),
             db["jobs"].count, db["job_images"].count, db["credit_ledger"].count)
 
@@ -46,7 +48,7 @@ def test_a_locked_database_gets_503_with_retry_after_and_keeps_nothing(make_clie
     key = client.key(account)
     done = client.http.post(URL, json={"prompts": ["a"]}, headers=bearer(key)).json()["jobId"]
     client.wait_for_job(key, done)
-    before = db_state(client.store, account)
+    before = db_state(client.database, account)
 
     with write_lock(config.storage.database):
         started = time.monotonic()
@@ -66,13 +68,13 @@ def test_a_locked_database_gets_503_with_retry_after_and_keeps_nothing(make_clie
     # The OpenAI-compatible API says the same in its own shape.
     assert openai.status_code == 503 and int(openai.headers["retry-after"]) > 0
     assert openai.json()["error"]["message"].startswith("The database is busy")
-    assert db_state(client.store, account) == before
+    assert db_state(client.database, account) == before
 
     # The refused request left no reservation behind: the queue still takes work.
     retry = client.http.post(URL, json={"prompts": ["b", "c"]}, headers=bearer(key))
     assert retry.status_code == 200
     assert client.wait_for_job(key, retry.json()["jobId"])["status"] == "completed"
-    assert client.balance(account) == 3 == accounts.ledger_total(client.store.db(), account.id)
+    assert client.balance(account) == 3 == accounts.ledger_total(client.database.db(), account.id)
 
 
 class GatedGenerator:
@@ -119,16 +121,16 @@ def test_a_batch_ending_while_the_database_is_locked_is_recorded_once_it_frees(
     else:
         assert (job["status"], job["completedImages"], job["creditsRefunded"]) == ("completed", 2, 0)
         assert client.balance(account) == 1
-    assert accounts.ledger_total(client.store.db(), account.id) == client.balance(account)
+    assert accounts.ledger_total(client.database.db(), account.id) == client.balance(account)
 
 
-def test_a_full_database_file_gets_503_and_keeps_nothing(make_client, monkeypatch, store):
+def test_a_full_database_file_gets_503_and_keeps_nothing(make_client, monkeypatch, database):
     # SQLite's max_page_count makes the file "full" for the app's connections:
     # a write that needs one more page fails with SQLITE_FULL, exactly as on a
-    # full disk. The test's own connection (`store`) is opened before, uncapped.
-    account = accounts.create_account(store.db(), "dev@example.com", "correct horse battery",
+    # full disk. The test's own connection (`database`) is opened before, uncapped.
+    account = accounts.create_account(database.db(), "dev@example.com", "correct horse battery",
                                       accounts.audit.Actor.cli(), credits=500)
-    real_open = appliance_db.open_database
+    real_open = open_database
 
     def capped(path, *args, **kwargs):
         db = real_open(path, *args, **kwargs)
@@ -136,10 +138,10 @@ def test_a_full_database_file_gets_503_and_keeps_nothing(make_client, monkeypatc
         db.execute(f"PRAGMA max_page_count = {pages}")
         return db
 
-    monkeypatch.setattr(appliance_db, "open_database", capped)
+    monkeypatch.setattr(core_database, "open_database", capped)
     client = make_client()
     key = client.key(account)
-    before = db_state(store, account)
+    before = db_state(database, account)
 
     # 100 prompts of 900 characters need many new pages.
     response = client.http.post(URL, json={"prompts": [f"{i} " + "x" * 900 for i in range(100)]},
@@ -149,25 +151,25 @@ def test_a_full_database_file_gets_503_and_keeps_nothing(make_client, monkeypatc
     assert response.json() == {"error": "The server's disk is full; nothing was changed."
                                         " Try again later"}
     assert int(response.headers["retry-after"]) > 0
-    assert db_state(store, account) == before
-    assert store.db().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db_state(database, account) == before
+    assert database.db().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_nested_transactions_are_all_or_nothing(store):
-    db = store.db()
+def test_nested_transactions_are_all_or_nothing(database):
+    db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
                                       accounts.audit.Actor.cli(), credits=5)
-    with pytest.raises(RuntimeError), appliance_db.immediate(db):
+    with pytest.raises(RuntimeError), immediate(db):
         accounts.change_credits(db, account.id, -2, "outer")
-        with appliance_db.immediate(db):
+        with immediate(db):
             accounts.change_credits(db, account.id, -1, "inner")
         raise RuntimeError("after the inner part committed to the outer transaction")
     assert accounts.get_account(db, account.id).credits == 5
     assert not db.conn.in_transaction
 
-    with appliance_db.immediate(db):
+    with immediate(db):
         accounts.change_credits(db, account.id, -2, "outer")
-        with pytest.raises(accounts.InsufficientCredits), appliance_db.immediate(db):
+        with pytest.raises(accounts.InsufficientCredits), immediate(db):
             accounts.change_credits(db, account.id, -1, "inner")
             accounts.change_credits(db, account.id, -10, "inner, too much")
     # The inner part was undone alone; the outer part stands.
@@ -206,13 +208,13 @@ def test_a_full_disk_gets_503_then_works_again_once_space_is_freed(
         make_client, make_config, tiny_disk, tiny_model):
     config = make_config(storage={"data_dir": str(tiny_disk / "data"),
                                   "database": str(tiny_disk / "data" / "appliance.db")})
-    store = appliance_db.Store(config.storage.database)
+    database = ConnectionPool(config.storage.database)
     try:
         client = make_client(app_config=config)
-        client.store = store
+        client.database = database
         account = client.account(credits=500)
         key = client.key(account)
-        before = db_state(store, account)
+        before = db_state(database, account)
         filler = fill(tiny_disk)
         assert shutil.disk_usage(tiny_disk).free < 4096
 
@@ -226,13 +228,13 @@ def test_a_full_disk_gets_503_then_works_again_once_space_is_freed(
         # Reading still works on a full disk.
         assert client.http.get(f"{URL}/{uuid.uuid4()}", headers=bearer(key)).status_code == 404
         filler.unlink()
-        assert db_state(store, account) == before
-        assert store.db().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db_state(database, account) == before
+        assert database.db().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
         retry = client.http.post(URL, json={"prompts": ["a", "b"]}, headers=bearer(key))
         assert retry.status_code == 200
         job = client.wait_for_job(key, retry.json()["jobId"])
         assert job["status"] == "completed" and job["completedImages"] == 2
-        assert client.balance(account) == 498 == accounts.ledger_total(store.db(), account.id)
+        assert client.balance(account) == 498 == accounts.ledger_total(database.db(), account.id)
     finally:
-        store.close()
+        database.close()

@@ -15,13 +15,14 @@ import torch
 from diffusers import AutoencoderTiny
 from PIL import Image
 
-from appliance import accounts, audit, jobs
-from appliance.config import ConfigError, config_from_dict
-from appliance.engine import Engine, worker_devices
+from appliance.accounts import accounts, audit
+from appliance.core.config import ConfigError, config_from_dict
 from appliance.engine import diffusers_generator, writer
 from appliance.engine.diffusers_generator import compiled_batch_sizes, load_configured_generator
+from appliance.engine.engine import Engine, worker_devices
 from appliance.engine.pipeline import ModelLoadError
-from appliance.jobs import GenerationSettings
+from appliance.jobs.models import GenerationSettings
+from appliance.jobs.store import get_job, submit
 
 from .conftest import TEST_GENERATION, bearer
 
@@ -142,10 +143,10 @@ def test_an_image_that_cannot_be_saved_fails_alone_and_is_refunded(make_client, 
     assert [image["status"] for image in job["images"]] == ["completed", "failed", "completed"]
     assert "saving the image failed: OSError" in job["images"][1]["error"]
     assert job["creditsRefunded"] == 1
-    assert client.balance(account) == 1 == accounts.ledger_total(client.store.db(), account.id)
+    assert client.balance(account) == 1 == accounts.ledger_total(client.database.db(), account.id)
 
 
-def test_one_worker_per_device_all_fed_from_one_queue(make_config, store, monkeypatch):
+def test_one_worker_per_device_all_fed_from_one_queue(make_config, database, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert worker_devices(make_config(engine={"devices": "all"})) == ["cuda:0", "cuda:1"]
@@ -158,15 +159,15 @@ def test_one_worker_per_device_all_fed_from_one_queue(make_config, store, monkey
         loads.append(threading.current_thread().name)
         return fake
 
-    engine = Engine(config, store, load_generator=load)
-    account = accounts.create_account(store.db(), "dev@example.com", "correct horse battery",
+    engine = Engine(config, database, load_generator=load)
+    account = accounts.create_account(database.db(), "dev@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=8)
-    submitted = jobs.submit(store.db(), account.id, None, [str(i) for i in range(8)], SETTINGS)
+    submitted = submit(database.db(), account.id, None, [str(i) for i in range(8)], SETTINGS)
     engine.queue.put_recovered(submitted.images)
     engine.start()
     try:
         deadline = time.monotonic() + 30
-        while jobs.get_job(store.db(), account.id, submitted.job_id).status != "completed":
+        while get_job(database.db(), account.id, submitted.job_id).status != "completed":
             assert time.monotonic() < deadline, "the job did not finish"
             time.sleep(0.05)
         assert engine.ready

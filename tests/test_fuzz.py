@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from appliance import accounts, audit, keys
-from appliance.db import Store
+from appliance.accounts import accounts, audit, keys
+from appliance.core.database import ConnectionPool
 
 from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
 
@@ -35,12 +35,12 @@ def fuzz_server(tmp_path_factory, tiny_model, launcher):
                           limits={"max_prompts_per_request": 3, "requests_per_minute_per_key": 0},
                           openai={"wait_timeout": 120.0})
     process = ServeProcess(config, folder / "serve.log", launcher).start()
-    store = Store(folder / "data" / "appliance.db")
-    account = accounts.create_account(store.db(), "fuzz@example.com", "correct horse battery",
+    database = ConnectionPool(folder / "data" / "appliance.db")
+    account = accounts.create_account(database.db(), "fuzz@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=12)
-    key = keys.create_key(store.db(), account.id, "Fuzz", audit.Actor.cli())[1]
+    key = keys.create_key(database.db(), account.id, "Fuzz", audit.Actor.cli())[1]
     yield process, key
-    store.close()
+    database.close()
     process.stop()
     print(f"\nfuzz: {len(requests_sent)} requests sent: "
           + ", ".join(f"{n} {op}" for op, n in sorted(_tally().items())))

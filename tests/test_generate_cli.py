@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from appliance import accounts
+from appliance.accounts import accounts
 
 from .live_server import LiveServer, free_port
 

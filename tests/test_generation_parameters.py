@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from appliance import jobs
-from appliance.config import ConfigError, config_from_dict
+from appliance.core.config import ConfigError, config_from_dict
+from appliance.jobs.models import MAX_SEED
 
 from .conftest import bearer
 
@@ -56,7 +56,7 @@ def test_out_of_range_parameters_get_a_400_naming_field_and_range_and_cost_nothi
         response = post(client, key, **fields)
         assert (response.status_code, response.json()) == (400, {"error": error}), fields
     assert client.balance(account) == 5
-    assert client.store.db()["jobs"].count == 0
+    assert client.database.db()["jobs"].count == 0
 
 
 def test_bounds_come_from_the_config(make_client, make_config):
@@ -89,19 +89,19 @@ def test_prompts_alone_behave_as_before_and_the_job_echoes_the_defaults(client):
     assert job["parameters"] == {"negativePrompt": None, "width": 64, "height": 64, "steps": 2,
                                  "guidanceScale": 7.5, "seed": None}
     assert job["queuePosition"] is None and job["cancelledImages"] == 0
-    assert 0 <= job["images"][0]["seed"] <= jobs.MAX_SEED
+    assert 0 <= job["images"][0]["seed"] <= MAX_SEED
 
 
 def test_parameters_are_used_echoed_and_seeds_count_up_from_the_base(client):
     key = client.key(client.account())
     response = post(client, key, prompts=["a", "b", "c"], width=80, height=64, steps=1,
-                    guidanceScale=3, seed=jobs.MAX_SEED - 1, negativePrompt="blurry")
+                    guidanceScale=3, seed=MAX_SEED - 1, negativePrompt="blurry")
     job = client.wait_for_job(key, response.json()["jobId"])
     assert job["status"] == "completed"
     assert job["parameters"] == {"negativePrompt": "blurry", "width": 80, "height": 64,
-                                 "steps": 1, "guidanceScale": 3.0, "seed": jobs.MAX_SEED - 1}
+                                 "steps": 1, "guidanceScale": 3.0, "seed": MAX_SEED - 1}
     # seed + i, wrapping past 2**32 - 1 to 0.
-    assert [image["seed"] for image in job["images"]] == [jobs.MAX_SEED - 1, jobs.MAX_SEED, 0]
+    assert [image["seed"] for image in job["images"]] == [MAX_SEED - 1, MAX_SEED, 0]
     for image in job["images"]:
         assert Image.open(io.BytesIO(png(client, key, image))).size == (80, 64)
 

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from appliance.api.limits import HostPolicy, KeyRateLimiter, host_name
-from appliance.config import ServerConfig
-from appliance.errors import TooManyRequests
+from appliance.core.config import ServerConfig
+from appliance.core.errors import TooManyRequests
+from appliance.web.api.limits import HostPolicy, KeyRateLimiter, host_name
 
 from .conftest import bearer
 
@@ -18,7 +18,7 @@ URL = "/api/playground/images"
 
 def assert_nothing_charged(client, account, credits):
     assert client.balance(account) == credits
-    assert client.store.db()["jobs"].count == 0
+    assert client.database.db()["jobs"].count == 0
 
 
 # Limits on what one request may carry.
@@ -144,7 +144,7 @@ def test_a_real_key_with_one_character_changed_is_unknown(client):
 
 
 def test_a_deleted_key_and_another_accounts_key_are_each_refused_rightly(client):
-    from appliance import audit, keys
+    from appliance.accounts import audit, keys
 
     owner, colleague = client.account("owner@example.com", 6), client.account("c@example.com", 6)
     owner_key, colleague_key = client.key(owner), client.key(colleague)
@@ -156,7 +156,7 @@ def test_a_deleted_key_and_another_accounts_key_are_each_refused_rightly(client)
         response = client.http.get(path, headers=bearer(colleague_key))
         assert response.status_code == 404 and "error" in response.json()
 
-    keys.delete_key(client.store.db(), owner.id, owner_key[:12], audit.Actor.cli())
+    keys.delete_key(client.database.db(), owner.id, owner_key[:12], audit.Actor.cli())
     for method, path in (("GET", f"{URL}/{job_id}"), ("POST", URL)):
         response = client.http.request(method, path, json={"prompts": ["a"]},
                                        headers=bearer(owner_key))
@@ -243,7 +243,7 @@ def test_a_foreign_host_name_is_refused_on_every_route(client):
 
 
 def test_a_bad_allowed_hosts_setting_stops_startup(tmp_path):
-    from appliance.config import ConfigError, config_from_dict
+    from appliance.core.config import ConfigError, config_from_dict
 
     with pytest.raises(ConfigError, match="server.allowed_hosts must be host names"):
         config_from_dict({"server": {"allowed_hosts": "good.example, bad name"}}, base_dir=tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import accounts, audit
+from appliance.accounts import accounts, audit
 
 from .conftest import bearer
 
@@ -19,7 +19,7 @@ def post(client, key, prompts, idempotency_key=None, **fields):
 
 
 def job_count(client) -> int:
-    return client.store.db()["jobs"].count
+    return client.database.db()["jobs"].count
 
 
 def test_a_retry_gets_the_first_answer_and_is_not_charged_again(client):
@@ -34,7 +34,7 @@ def test_a_retry_gets_the_first_answer_and_is_not_charged_again(client):
     assert first.json()["credits"] == 4
     assert "idempotent-replayed" not in first.headers
     assert again.headers["idempotent-replayed"] == "true"
-    assert client.balance(account) == 4 == accounts.ledger_total(client.store.db(), account.id)
+    assert client.balance(account) == 4 == accounts.ledger_total(client.database.db(), account.id)
     assert job_count(client) == 1
     # The replayed job is the real one, and it is generated once.
     job = client.wait_for_job(key, again.json()["jobId"])
@@ -100,7 +100,7 @@ def test_a_refused_request_is_not_remembered_so_its_retry_can_succeed(client):
     account = client.account(credits=1)
     key = client.key(account)
     assert post(client, key, ["a", "b"], "k3").status_code == 402
-    accounts.grant_credits(client.store.db(), account.email, 5, audit.Actor.cli())
+    accounts.grant_credits(client.database.db(), account.email, 5, audit.Actor.cli())
     retry = post(client, key, ["a", "b"], "k3")
     assert retry.status_code == 200 and "idempotent-replayed" not in retry.headers
     assert client.balance(account) == 4
@@ -110,7 +110,7 @@ def test_a_key_is_kept_for_24_hours_then_starts_a_new_job(client):
     account = client.account(credits=6)
     key = client.key(account)
     first = post(client, key, ["a"], "daily-run").json()
-    db = client.store.db()
+    db = client.database.db()
     # As if the first request had been made 24 hours and a minute ago.
     db.execute("UPDATE idempotency_keys SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ',"
                " 'now', '-1441 minutes')")
@@ -127,5 +127,5 @@ def test_a_key_is_kept_for_24_hours_then_starts_a_new_job(client):
 def test_only_a_digest_of_the_key_is_stored(client):
     account = client.account(credits=6)
     post(client, client.key(account), ["a"], "my-secret-ish-key")
-    row = next(client.store.db().query("SELECT * FROM idempotency_keys"))
+    row = next(client.database.db().query("SELECT * FROM idempotency_keys"))
     assert "my-secret-ish-key" not in repr(row)

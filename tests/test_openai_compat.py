@@ -10,7 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
-from appliance import accounts
+from appliance.accounts import accounts
 
 from .live_server import GatedGenerator, LiveServer, real_generator
 

@@ -13,13 +13,14 @@ from datetime import datetime, timedelta, timezone
 
 from litestar.testing import TestClient
 
-from appliance import accounts, audit, jobs
-from appliance.app import create_app
-from appliance.config import LoggingConfig
-from appliance.db import utc_iso
-from appliance.housekeeping import Housekeeping
-from appliance.jobs import GenerationSettings
-from appliance.logs import configure_logging
+from appliance.accounts import accounts, audit
+from appliance.core.clock import utc_iso
+from appliance.core.config import LoggingConfig
+from appliance.jobs.models import GenerationSettings
+from appliance.jobs.store import image_relpath, mark_completed, mark_running, submit
+from appliance.ops.housekeeping import Housekeeping
+from appliance.runtime.logs import configure_logging
+from appliance.web.app import create_app
 
 from .conftest import TEST_GENERATION, bearer
 
@@ -40,65 +41,65 @@ def audit_actions(db) -> set[str]:
     return {row[0] for row in db.execute("SELECT action FROM audit_log")}
 
 
-def test_audit_rows_are_kept_90_days_and_pruned_after(config, store):
-    db = store.db()
+def test_audit_rows_are_kept_90_days_and_pruned_after(config, database):
+    db = database.db()
     for days in (89, 90, 91):
         add_audit_row(db, NOW - timedelta(days=days), f"aged.{days}")
     add_audit_row(db, NOW - timedelta(days=90, seconds=1), "aged.90-and-a-second")
-    housekeeping = Housekeeping(config, store, fixed_clock())
+    housekeeping = Housekeeping(config, database, fixed_clock())
 
     assert housekeeping.prune_audit() == 2
     assert audit_actions(db) == {"aged.89", "aged.90"}
     # Idempotent: a second run finds nothing more.
     assert housekeeping.prune_audit() == 0
     # A day later the 90-day row is 91 days old.
-    assert Housekeeping(config, store, fixed_clock(NOW + timedelta(days=1))).prune_audit() == 1
+    assert Housekeeping(config, database, fixed_clock(NOW + timedelta(days=1))).prune_audit() == 1
     assert audit_actions(db) == {"aged.89"}
 
 
-def test_audit_retention_is_configurable(make_config, store):
+def test_audit_retention_is_configurable(make_config, database):
     config = make_config(housekeeping={"audit_retention_days": 30})
-    db = store.db()
+    db = database.db()
     add_audit_row(db, NOW - timedelta(days=29), "young")
     add_audit_row(db, NOW - timedelta(days=31), "old")
-    assert Housekeeping(config, store, fixed_clock()).prune_audit() == 1
+    assert Housekeeping(config, database, fixed_clock()).prune_audit() == 1
     assert audit_actions(db) == {"young"}
 
 
 def finished_job(db, account, images_dir, finished_at: datetime, count: int = 2) -> str:
-    submitted = jobs.submit(db, account.id, None, [f"p{i}" for i in range(count)],
+    submitted = submit(db, account.id, None, [f"p{i}" for i in range(count)],
                             GenerationSettings(**TEST_GENERATION))
     for image in submitted.images:
-        path = images_dir / jobs.image_relpath(image.job_id, image.index)
+        path = images_dir / image_relpath(image.job_id, image.index)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"png")
-    jobs.mark_running(db, submitted.images)
-    jobs.mark_completed(db, submitted.images)
+    mark_running(db, submitted.images)
+    mark_completed(db, submitted.images)
     db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?",
                [utc_iso(finished_at), submitted.job_id])
     db.conn.commit()
     return submitted.job_id
 
 
-def test_image_retention_is_off_by_default_and_prunes_rows_and_files_when_set(make_config, store):
-    db = store.db()
+def test_image_retention_is_off_by_default_and_prunes_rows_and_files_when_set(make_config, database):
+    db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=10)
     default = make_config()
     images_dir = default.images_dir
     old = finished_job(db, account, images_dir, NOW - timedelta(days=31))
     recent = finished_job(db, account, images_dir, NOW - timedelta(days=29))
-    unfinished = jobs.submit(db, account.id, None, ["waiting"],
+    unfinished = submit(db, account.id, None, ["waiting"],
                              GenerationSettings(**TEST_GENERATION)).job_id
     db.execute("UPDATE jobs SET created_at = ? WHERE id = ?",
                [utc_iso(NOW - timedelta(days=400)), unfinished])
     db.conn.commit()
     ledger_before = accounts.ledger_total(db, account.id)
 
-    assert Housekeeping(default, store, fixed_clock()).prune_images().jobs == 0
+    assert Housekeeping(default, database, fixed_clock()).prune_images().jobs == 0
     assert (images_dir / old).is_dir()
 
-    pruned = Housekeeping(make_config(housekeeping={"image_retention_days": 30}), store,
+    pruned = Housekeeping(make_config(housekeeping={"image_retention_days": 30}), database,
                           fixed_clock()).prune_images()
     assert (pruned.jobs, pruned.images, pruned.files) == (1, 2, 2)
     remaining = {row[0] for row in db.execute("SELECT id FROM jobs")}
@@ -110,33 +111,33 @@ def test_image_retention_is_off_by_default_and_prunes_rows_and_files_when_set(ma
     assert accounts.get_account(db, account.id).credits == ledger_before
 
 
-def test_expired_console_sessions_are_deleted(config, store):
-    db = store.db()
+def test_expired_console_sessions_are_deleted(config, database):
+    db = database.db()
     rows = [("expired", utc_iso(NOW - timedelta(minutes=1))), ("now", utc_iso(NOW)),
             ("live", utc_iso(NOW + timedelta(minutes=1))), ("no-expiry", None)]
     for key, expires_at in rows:
         db.execute("INSERT INTO console_sessions (key_hash, value, expires_at) VALUES (?, ?, ?)",
                    [key, b"{}", expires_at])
     db.conn.commit()
-    assert Housekeeping(config, store, fixed_clock()).prune_console_sessions() == 2
+    assert Housekeeping(config, database, fixed_clock()).prune_console_sessions() == 2
     assert {row[0] for row in db.execute("SELECT key_hash FROM console_sessions")} == {
         "live", "no-expiry"}
 
 
-def test_sqlite_upkeep_folds_the_wal_back(config, store):
-    db = store.db()
+def test_sqlite_upkeep_folds_the_wal_back(config, database):
+    db = database.db()
     db.execute("CREATE TABLE filler (x)")
     db.conn.executemany("INSERT INTO filler VALUES (?)", [(b"x" * 1000,)] * 500)
     db.conn.commit()
-    wal = store.path.with_name(store.path.name + "-wal")
+    wal = database.path.with_name(database.path.name + "-wal")
     assert wal.stat().st_size > 0
-    before, after = Housekeeping(config, store).sqlite_upkeep()
+    before, after = Housekeeping(config, database).sqlite_upkeep()
     assert before > 500_000
     assert after == 0 == wal.stat().st_size
     assert db.execute("SELECT COUNT(*) FROM filler").fetchone()[0] == 500
 
 
-def test_partial_files_of_interrupted_writes_are_removed_once_an_hour_old(config, store):
+def test_partial_files_of_interrupted_writes_are_removed_once_an_hour_old(config, database):
     folder = config.images_dir / "job-1"
     folder.mkdir(parents=True)
     stale, fresh, png = folder / ".0.x1y2z3.tmp", folder / ".1.a1b2c3.tmp", folder / "0.png"
@@ -148,20 +149,20 @@ def test_partial_files_of_interrupted_writes_are_removed_once_an_hour_old(config
     just_now = (NOW - timedelta(minutes=59)).timestamp()
     os.utime(fresh, (just_now, just_now))
 
-    assert Housekeeping(config, store, fixed_clock()).remove_partial_files() == 1
+    assert Housekeeping(config, database, fixed_clock()).remove_partial_files() == 1
     # A write that may still be under way, and every finished PNG, stay.
     assert not stale.exists() and fresh.exists() and png.exists()
-    assert Housekeeping(config, store, fixed_clock()).remove_partial_files() == 0
+    assert Housekeeping(config, database, fixed_clock()).remove_partial_files() == 0
 
 
-def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(store, make_client, caplog):
-    db = store.db()
+def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(database, make_client, caplog):
+    db = database.db()
     add_audit_row(db, datetime.now(timezone.utc) - timedelta(days=200), "ancient")
     add_audit_row(db, datetime.now(timezone.utc), "fresh")
     db.execute("INSERT INTO console_sessions (key_hash, value, expires_at) VALUES (?, ?, ?)",
                ["stale", b"{}", utc_iso(datetime.now(timezone.utc) - timedelta(days=1))])
     db.conn.commit()
-    caplog.set_level(logging.INFO, logger="appliance.housekeeping")
+    caplog.set_level(logging.INFO, logger="appliance.ops.housekeeping")
 
     client = make_client()
     scheduler = client.http.app.state.scheduler

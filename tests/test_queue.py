@@ -5,9 +5,9 @@ import time
 
 import pytest
 
+from appliance.core.errors import ServiceUnavailable
 from appliance.engine.queue import ImageQueue
-from appliance.errors import ServiceUnavailable
-from appliance.jobs import GenerationSettings, QueuedImage
+from appliance.jobs.models import GenerationSettings, QueuedImage
 
 SMALL = GenerationSettings(64, 64, 2, 7.5)
 LARGE = GenerationSettings(128, 128, 2, 7.5)

@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-from appliance import accounts, audit, jobs
-from appliance.jobs import GenerationSettings
+from appliance.accounts import accounts, audit
+from appliance.jobs.models import GenerationSettings
+from appliance.jobs.store import image_relpath, mark_running, submit, unfinished_images
 
 from .conftest import TEST_GENERATION
 
 
-def test_queued_and_running_images_are_requeued_at_startup(store, make_client):
-    db = store.db()
+def test_queued_and_running_images_are_requeued_at_startup(database, make_client):
+    db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=3)
     settings = GenerationSettings(**TEST_GENERATION)
-    submitted = jobs.submit(db, account.id, None, ["one", "two", "three"], settings)
+    submitted = submit(db, account.id, None, ["one", "two", "three"], settings)
     # As if the process had died mid-batch: one image was running.
-    jobs.mark_running(db, submitted.images[:1])
+    mark_running(db, submitted.images[:1])
     client = make_client()
-    png = store.path.parent / "images" / jobs.image_relpath(submitted.job_id, 0)
+    png = database.path.parent / "images" / image_relpath(submitted.job_id, 0)
     key = client.key(account)
 
     job = client.wait_for_job(key, submitted.job_id)
@@ -27,5 +28,5 @@ def test_queued_and_running_images_are_requeued_at_startup(store, make_client):
     assert client.balance(account) == 0 == accounts.ledger_total(db, account.id)
 
 
-def test_startup_with_nothing_unfinished_requeues_nothing(store):
-    assert jobs.unfinished_images(store.db()) == []
+def test_startup_with_nothing_unfinished_requeues_nothing(database):
+    assert unfinished_images(database.db()) == []

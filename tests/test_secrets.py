@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from appliance import keys
+from appliance.accounts import keys
 
 from .secret_watch import leaks, watched
 from .serve_process import ServeProcess, cli, launcher, write_config  # noqa: F401 - a fixture
@@ -75,10 +75,10 @@ def test_a_full_cli_api_and_console_run_keeps_no_secret(tmp_path, tiny_model, la
     assert "Application startup complete" in log.read_text(), "the log was written"
 
 
-def test_keys_are_found_by_digest_through_the_index(store):
-    from appliance import accounts, audit
+def test_keys_are_found_by_digest_through_the_index(database):
+    from appliance.accounts import accounts, audit
 
-    db = store.db()
+    db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
                                       audit.Actor.cli())
     info, raw = keys.create_key(db, account.id, "Production", audit.Actor.cli())

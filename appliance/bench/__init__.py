@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from ..config import SECTIONS, Config
-from ..engine.diffusers_generator import ensure_model, setting_path
-from . import serving
+from appliance.bench import serving
+from appliance.core.config import SECTIONS, Config
+from appliance.engine.diffusers_generator import ensure_model, setting_path
 
 # Multiply-adds counted twice: one SD 1.5 UNet forward on one 64x64 latent
 # (a 512x512 image), and one VAE decode of a 512x512 image.

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoPipelineForText2Image
 
-from ..engine.pipeline import loading_options, pick_device, pick_dtype, read_model_index
+from appliance.engine.pipeline import loading_options, pick_device, pick_dtype, read_model_index
 
 
 def device_name(device: str) -> str:

@@ -25,8 +25,9 @@ from typing import Any
 
 import httpx
 
-from .. import accounts, audit, keys
-from ..db import Store
+from appliance.accounts import accounts, audit, keys
+from appliance.core.database import ConnectionPool
+from appliance.jobs.models import ImageStatus, JobStatus
 
 URL = "/api/playground/images"
 PEAK_MEMORY = re.compile(r"peak GPU memory on (cuda:\d+): ([\d.]+) GiB allocated")
@@ -84,9 +85,9 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
 
 
 def make_keys(database: Path, count: int, credits: int) -> list[str]:
-    store = Store(database)
+    database = ConnectionPool(database)
     try:
-        db = store.db()
+        db = database.db()
         made = []
         for index in range(count):
             account = accounts.create_account(db, f"bench{index}@example.com",
@@ -95,7 +96,7 @@ def make_keys(database: Path, count: int, credits: int) -> list[str]:
             made.append(keys.create_key(db, account.id, "Benchmark", audit.Actor.cli())[1])
         return made
     finally:
-        store.close()
+        database.close()
 
 
 class Server:
@@ -121,9 +122,9 @@ class Server:
             job_id = response.json()["jobId"]
             while True:
                 job = http.get(f"{URL}/{job_id}").json()
-                if job["status"] == "completed":
+                if job["status"] == JobStatus.COMPLETED:
                     return
-                if job["status"] not in ("queued", "processing"):
+                if JobStatus(job["status"]).finished:
                     raise RuntimeError(f"the warm-up image did not generate: {job}")
                 self._check_alive(deadline)
                 time.sleep(0.2)
@@ -172,14 +173,14 @@ def _client(base: str, run: ClientRun, start: threading.Barrier, images_dir: Pat
             waiting = list(run.submitted)
             while waiting:
                 job = http.get(f"{URL}/{waiting[0]}").json()
-                if job["status"] in ("queued", "processing"):
+                if not JobStatus(job["status"]).finished:
                     time.sleep(poll_seconds)
                     continue
                 run.finished[waiting.pop(0)] = job
             # Done means on disk: each PNG exists before the clock stops.
             for job_id, job in run.finished.items():
                 for image in job["images"]:
-                    if image["status"] == "completed":
+                    if image["status"] == ImageStatus.COMPLETED:
                         path = images_dir / job_id / f"{image['index']}.png"
                         if not path.is_file():
                             raise RuntimeError(f"{path} is missing though the job says completed")

@@ -12,12 +12,20 @@ import torch
 import transformers
 from PIL import Image
 
-from ..config import Config
-from ..jobs import GenerationSettings
-from .pending import PendingImages
-from .pipeline import (compile_pipeline, load_pipeline, optimize_pipeline, pick_device, pick_dtype,
-                       render, use_tiny_vae, use_vae_slicing)
-from .synth import synthesize
+from appliance.core.config import Config
+from appliance.engine.pending import PendingImages
+from appliance.engine.pipeline import (
+    compile_pipeline,
+    load_pipeline,
+    optimize_pipeline,
+    pick_device,
+    pick_dtype,
+    render,
+    use_tiny_vae,
+    use_vae_slicing,
+)
+from appliance.engine.synth import synthesize
+from appliance.jobs.models import GenerationSettings
 
 log = logging.getLogger(__name__)
 

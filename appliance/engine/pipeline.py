@@ -10,8 +10,12 @@ from typing import Any
 
 import diffusers
 import torch
-from diffusers import (AutoencoderTiny, AutoPipelineForText2Image, DiffusionPipeline,
-                       StableDiffusionPipeline)
+from diffusers import (
+    AutoencoderTiny,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+)
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from packaging.version import Version
 from PIL import Image

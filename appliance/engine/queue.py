@@ -20,8 +20,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import ServiceUnavailable
-from ..jobs import GenerationSettings, QueuedImage
+from appliance.core.errors import ServiceUnavailable
+from appliance.jobs.models import GenerationSettings, QueuedImage
 
 RETRY_AFTER_SECONDS = 5
 

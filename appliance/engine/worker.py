@@ -17,12 +17,13 @@ from typing import Protocol
 
 from PIL import Image
 
-from .. import jobs, metrics
-from ..db import Store
-from ..jobs import GenerationSettings, QueuedImage
-from .pending import ReadyImages
-from .queue import ImageQueue
-from .writer import BatchImages, ImageWriter
+from appliance.core.database import ConnectionPool
+from appliance.engine import metrics
+from appliance.engine.pending import ReadyImages
+from appliance.engine.queue import ImageQueue
+from appliance.engine.writer import BatchImages, ImageWriter
+from appliance.jobs.models import GenerationSettings, QueuedImage
+from appliance.jobs.store import mark_completed, mark_failed, mark_running
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class ImageGenerator(Protocol):
 class Worker(threading.Thread):
     def __init__(
         self,
-        store: Store,
+        database: ConnectionPool,
         queue: ImageQueue,
         load_generator: Callable[[], ImageGenerator],
         writer: ImageWriter,
@@ -58,7 +59,7 @@ class Worker(threading.Thread):
     ):
         # A daemon, so a GPU call that never returns cannot hold the process open.
         super().__init__(name=name, daemon=True)
-        self.store = store
+        self.database = database
         self.queue = queue
         self.load_generator = load_generator
         self.writer = writer
@@ -99,7 +100,7 @@ class Worker(threading.Thread):
     def process(self, generator: ImageGenerator, batch: list[QueuedImage]) -> None:
         """Starts the batch; it ends later, on a writer thread (see _batch_ended)."""
         try:
-            batch = jobs.mark_running(self.store.db(), batch)
+            batch = mark_running(self.database.db(), batch)
         except sqlite3.Error as exc:
             # A locked or full database: the rows are still queued, so the
             # images go back in line and are tried again shortly.
@@ -133,7 +134,7 @@ class Worker(threading.Thread):
         try:
             seconds = images.seconds if images is not None and images.seconds is not None else 0.0
             if saved:
-                self._until_recorded(lambda: jobs.mark_completed(self.store.db(), saved))
+                self._until_recorded(lambda: mark_completed(self.database.db(), saved))
                 metrics.images_generated(len(saved), seconds)
                 log.info("generated %d images in %.2f s", len(saved), seconds)
             by_error: dict[str, list[QueuedImage]] = defaultdict(list)
@@ -144,7 +145,7 @@ class Worker(threading.Thread):
                     log.error("%d of a batch of %d images failed: %s", len(items), len(batch), error)
                 # mark_failed refunds only images still owed, so a retry cannot refund twice.
                 self._until_recorded(
-                    lambda items=items, error=error: jobs.mark_failed(self.store.db(), items, error))
+                    lambda items=items, error=error: mark_failed(self.database.db(), items, error))
                 metrics.images_failed(len(items))
         except Exception:  # noqa: BLE001 - the rows stay running and are redone at the next start
             log.exception("could not record the end of a batch of %d images", len(batch))

@@ -17,9 +17,9 @@ from typing import Protocol
 
 from PIL import Image
 
-from .. import jobs
-from ..jobs import QueuedImage
-from .storage import write_png_atomic
+from appliance.engine.storage import write_png_atomic
+from appliance.jobs.models import QueuedImage
+from appliance.jobs.store import image_relpath
 
 # (saved images, {image: why it failed}) once every image of a batch has ended.
 BatchDone = Callable[[list[QueuedImage], dict[QueuedImage, str]], None]
@@ -61,7 +61,7 @@ class ImageWriter:
         except Exception as exc:  # noqa: BLE001 - an error of the GPU work surfaces here
             return f"generation failed: {type(exc).__name__}: {exc}"
         try:
-            write_png_atomic(image, self.images_dir / jobs.image_relpath(item.job_id, item.index),
+            write_png_atomic(image, self.images_dir / image_relpath(item.job_id, item.index),
                              self.compress_level)
         except Exception as exc:  # noqa: BLE001 - a full disk fails the image, not the worker
             return f"saving the image failed: {type(exc).__name__}: {exc}"

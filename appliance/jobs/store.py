@@ -1,0 +1,283 @@
+"""Jobs and their images in the database: write, read, start, finish, cancel, refund.
+
+A failed or cancelled image is refunded in the transaction that marks it, so
+credits_used minus credits_refunded is always what the account paid for
+images it received. The statuses and their order are in models.py.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from appliance.accounts.accounts import change_credits
+from appliance.core.clock import utc_now
+from appliance.core.database import immediate
+from appliance.core.errors import NotFound
+from appliance.jobs.models import (
+    MAX_SEED,
+    PENDING_IMAGE_STATUSES,
+    GenerationSettings,
+    ImageStatus,
+    ImageView,
+    JobStatus,
+    JobSummary,
+    JobView,
+    QueuedImage,
+    Submitted,
+)
+
+
+def submit(
+    db: Database,
+    account_id: int,
+    api_key_id: int | None,
+    prompts: list[str],
+    settings: GenerationSettings,
+    seed: int | None = None,
+) -> Submitted:
+    """Charges one credit an image and writes the job, all in one transaction.
+
+    The caller reserves queue room first and enqueues `images` afterwards;
+    if this raises, nothing was charged or written.
+    """
+    job_id = str(uuid.uuid4())
+    now = utc_now()
+    count = len(prompts)
+    seeds = image_seeds(count, seed)
+    with immediate(db):
+        # The job row first: the ledger row refers to it.
+        db.execute(
+            "INSERT INTO jobs (id, account_id, api_key_id, status, total_images, credits_used,"
+            " settings, seed, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [job_id, account_id, api_key_id, JobStatus.QUEUED, count, count, settings.to_json(), seed, now],
+        )
+        balance = change_credits(db, account_id, -count, "image job", job_id)
+        image_ids = [
+            db.execute(
+                "INSERT INTO job_images (job_id, idx, prompt, seed, status) VALUES (?, ?, ?, ?, ?)",
+                [job_id, i, prompt, seed, ImageStatus.QUEUED],
+            ).lastrowid
+            for i, (prompt, seed) in enumerate(zip(prompts, seeds))
+        ]
+    images = [
+        QueuedImage(image_id, job_id, account_id, i, prompt, seed, settings)
+        for i, (image_id, prompt, seed) in enumerate(zip(image_ids, prompts, seeds))
+    ]
+    return Submitted(job_id, count, count, balance, images)
+
+
+def image_seeds(count: int, base_seed: int | None) -> list[int]:
+    """Image i gets base_seed + i, wrapping past MAX_SEED to 0; without a base, random seeds."""
+    if base_seed is None:
+        return [secrets.randbelow(MAX_SEED + 1) for _ in range(count)]
+    return [(base_seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def _job_row(db: Database, account_id: int, job_id: str) -> dict:
+    rows = list(db.query("SELECT * FROM jobs WHERE id = ? AND account_id = ?", [job_id, account_id]))
+    if not rows:
+        # Another account's job is answered exactly like one that does not exist.
+        raise NotFound("Job not found")
+    return rows[0]
+
+
+def get_job(db: Database, account_id: int, job_id: str) -> JobView:
+    job = _job_row(db, account_id, job_id)
+    images = [
+        ImageView(r["idx"], r["prompt"], ImageStatus(r["status"]), r["seed"], r["error"], r["finished_at"])
+        for r in db.query(
+            "SELECT idx, prompt, status, seed, error, finished_at FROM job_images"
+            " WHERE job_id = ? ORDER BY idx",
+            [job_id],
+        )
+    ]
+    counts = defaultdict(int)
+    for image in images:
+        counts[image.status] += 1
+    return JobView(
+        job_id=job["id"],
+        status=JobStatus(job["status"]),
+        total_images=job["total_images"],
+        queued_images=counts[ImageStatus.QUEUED],
+        running_images=counts[ImageStatus.RUNNING],
+        completed_images=counts[ImageStatus.COMPLETED],
+        failed_images=counts[ImageStatus.FAILED],
+        credits_used=job["credits_used"],
+        credits_refunded=job["credits_refunded"],
+        created_at=job["created_at"],
+        started_at=job["started_at"],
+        finished_at=job["finished_at"],
+        settings=GenerationSettings.from_json(job["settings"]),
+        images=images,
+        cancelled_images=counts[ImageStatus.CANCELLED],
+        seed=job["seed"],
+    )
+
+
+def image_file(db: Database, images_dir: Path, account_id: int, job_id: str, index: int) -> Path:
+    _job_row(db, account_id, job_id)
+    row = db.execute(
+        "SELECT file FROM job_images WHERE job_id = ? AND idx = ? AND status = ?",
+        [job_id, index, ImageStatus.COMPLETED],
+    ).fetchone()
+    if row is None or not row[0]:
+        raise NotFound(f"image {index} of this job is not ready")
+    return images_dir / row[0]
+
+
+def image_relpath(job_id: str, index: int) -> str:
+    return f"{job_id}/{index}.png"
+
+
+def mark_running(db: Database, images: Iterable[QueuedImage]) -> list[QueuedImage]:
+    """Starts the images still queued; returns those (others were cancelled or ended)."""
+    images = list(images)
+    now = utc_now()
+    with immediate(db):
+        started = [
+            image for image in images
+            if db.execute("UPDATE job_images SET status = ?, started_at = ? WHERE id = ? AND status = ?",
+                          [ImageStatus.RUNNING, now, image.image_id, ImageStatus.QUEUED]).rowcount
+        ]
+        db.conn.executemany(
+            "UPDATE jobs SET status = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
+            [(JobStatus.PROCESSING, now, job_id) for job_id in {image.job_id for image in started}],
+        )
+    return started
+
+
+def mark_completed(db: Database, images: Iterable[QueuedImage]) -> None:
+    images = list(images)
+    now = utc_now()
+    with immediate(db):
+        db.conn.executemany(
+            "UPDATE job_images SET status = ?, file = ?, finished_at = ? WHERE id = ?",
+            [(ImageStatus.COMPLETED, image_relpath(i.job_id, i.index), now, i.image_id) for i in images],
+        )
+        _settle_jobs(db, {i.job_id for i in images}, now)
+
+
+def mark_failed(db: Database, images: Iterable[QueuedImage], error: str) -> None:
+    """Fails the images and refunds each one's credit through the ledger."""
+    images = list(images)
+    now = utc_now()
+    with immediate(db):
+        per_job: dict[tuple[str, int], int] = defaultdict(int)
+        for image in images:
+            changed = db.execute(
+                "UPDATE job_images SET status = ?, error = ?, finished_at = ?"
+                " WHERE id = ? AND status IN (?, ?)",
+                [ImageStatus.FAILED, error, now, image.image_id, *PENDING_IMAGE_STATUSES],
+            ).rowcount
+            # Only an image that was still owed is refunded, so a retry of
+            # this call can never refund twice.
+            if changed:
+                per_job[(image.job_id, image.account_id)] += 1
+        for (job_id, account_id), count in per_job.items():
+            db.execute("UPDATE jobs SET credits_refunded = credits_refunded + ? WHERE id = ?",
+                       [count, job_id])
+            change_credits(db, account_id, count, "refund: image failed", job_id)
+        _settle_jobs(db, {i.job_id for i in images}, now)
+
+
+def cancel(db: Database, account_id: int, job_id: str) -> int:
+    """Cancels the job's images not yet started and refunds them; returns how many.
+
+    Images already running finish and stay paid for. Safe to repeat: a second
+    call finds nothing queued and refunds nothing.
+    """
+    now = utc_now()
+    with immediate(db):
+        _job_row(db, account_id, job_id)
+        # The worker starts an image only while it is still queued (mark_running),
+        # so an image cancelled here is never generated, even if already dequeued.
+        count = db.execute(
+            "UPDATE job_images SET status = ?, finished_at = ? WHERE job_id = ? AND status = ?",
+            [ImageStatus.CANCELLED, now, job_id, ImageStatus.QUEUED],
+        ).rowcount
+        if count:
+            db.execute("UPDATE jobs SET credits_refunded = credits_refunded + ? WHERE id = ?",
+                       [count, job_id])
+            change_credits(db, account_id, count, "refund: image cancelled", job_id)
+            _settle_jobs(db, {job_id}, now)
+    return count
+
+
+def _settle_jobs(db: Database, job_ids: set[str], now: str) -> None:
+    """Gives jobs whose images have all ended their final status (see the module's text)."""
+    for job_id in job_ids:
+        open_count, completed, failed = db.execute(
+            "SELECT SUM(status IN (?, ?)), SUM(status = ?), SUM(status = ?)"
+            " FROM job_images WHERE job_id = ?",
+            [*PENDING_IMAGE_STATUSES, ImageStatus.COMPLETED, ImageStatus.FAILED, job_id],
+        ).fetchone()
+        if open_count == 0:
+            status = (JobStatus.COMPLETED if completed else JobStatus.FAILED if failed
+                      else JobStatus.CANCELLED)
+            db.execute("UPDATE jobs SET status = ?, finished_at = ? WHERE id = ?",
+                       [status, now, job_id])
+
+
+def unfinished_images(db: Database) -> list[QueuedImage]:
+    """Images accepted but not finished when the process last stopped, oldest first.
+
+    Running ones go back to queued: their PNG may be half-written, and
+    generating again from the stored seed gives the same picture.
+    """
+    with immediate(db):
+        db.execute("UPDATE job_images SET status = ?, started_at = NULL WHERE status = ?",
+                   [ImageStatus.QUEUED, ImageStatus.RUNNING])
+        rows = list(
+            db.query(
+                "SELECT i.id, i.job_id, j.account_id, i.idx, i.prompt, i.seed, j.settings"
+                " FROM job_images i JOIN jobs j ON j.id = i.job_id"
+                " WHERE i.status = ? ORDER BY j.created_at, i.job_id, i.idx",
+                [ImageStatus.QUEUED],
+            )
+        )
+    return [
+        QueuedImage(r["id"], r["job_id"], r["account_id"], r["idx"], r["prompt"], r["seed"],
+                    GenerationSettings.from_json(r["settings"]))
+        for r in rows
+    ]
+
+
+def list_jobs(db: Database, account_id: int, limit: int = 20, offset: int = 0) -> list[JobSummary]:
+    """The account's jobs, newest first."""
+    rows = list(db.query(
+        "SELECT * FROM jobs WHERE account_id = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+        [account_id, limit, offset]))
+    images: dict[str, list[ImageView]] = defaultdict(list)
+    if rows:
+        marks = ", ".join("?" for _ in rows)
+        for r in db.query(
+            "SELECT job_id, idx, prompt, status, seed, error, finished_at FROM job_images"
+            f" WHERE job_id IN ({marks}) ORDER BY job_id, idx",
+            [row["id"] for row in rows],
+        ):
+            images[r["job_id"]].append(ImageView(r["idx"], r["prompt"], ImageStatus(r["status"]), r["seed"],
+                                                 r["error"], r["finished_at"]))
+    return [
+        JobSummary(
+            job_id=row["id"],
+            status=JobStatus(row["status"]),
+            total_images=row["total_images"],
+            completed_images=sum(i.status == ImageStatus.COMPLETED for i in images[row["id"]]),
+            credits_used=row["credits_used"],
+            credits_refunded=row["credits_refunded"],
+            created_at=row["created_at"],
+            finished_at=row["finished_at"],
+            images=images[row["id"]],
+        )
+        for row in rows
+    ]
+
+
+def count_jobs(db: Database, account_id: int) -> int:
+    return db.execute("SELECT COUNT(*) FROM jobs WHERE account_id = ?", [account_id]).fetchone()[0]

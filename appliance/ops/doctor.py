@@ -1,0 +1,225 @@
+"""`appliance doctor`: checks the GPU, driver, model, database and config, in plain words.
+
+Each finding is ok, note, warning or problem; only a problem makes the command
+exit non-zero, since only a problem stops the service from doing its work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlite_utils import Database
+
+from appliance.core.config import Config
+from appliance.ops.lock import holder
+
+OK, NOTE, WARNING, PROBLEM = "ok", "note", "warning", "problem"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# The tiny demo model weighs well under a megabyte; real ones weigh gigabytes.
+DEMO_MODEL_BYTES = 50 * 1024 * 1024
+LOW_DISK_BYTES = 2 * 1024**3
+NO_DISK_BYTES = 200 * 1024**2
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    area: str
+    text: str
+
+
+def check_config(config: Config) -> Iterator[Finding]:
+    if config.source is None:
+        yield Finding(NOTE, "config", "no config file found: running on the built-in defaults")
+    else:
+        yield Finding(OK, "config", f"{config.source} is valid")
+
+
+def _nvidia_smi() -> tuple[str | None, str | None]:
+    """(GPU lines, None) when nvidia-smi works, (None, why) when it is missing or fails."""
+    if shutil.which("nvidia-smi") is None:
+        return None, "nvidia-smi is not installed"
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,driver_version,memory.total",
+             "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return None, "nvidia-smi did not answer within 30 s"
+    if result.returncode != 0:
+        why = (result.stdout + result.stderr).strip().splitlines()
+        return None, f"nvidia-smi fails: {why[0] if why else f'exit code {result.returncode}'}"
+    return result.stdout.strip(), None
+
+
+def check_gpu(config: Config) -> Iterator[Finding]:
+    import torch
+
+    wants_cuda = config.model.device.startswith("cuda")
+    gpus, smi_problem = _nvidia_smi()
+    if gpus is None and smi_problem == "nvidia-smi is not installed":
+        level = PROBLEM if wants_cuda else WARNING
+        yield Finding(level, "gpu", "no NVIDIA driver found (nvidia-smi is not installed):"
+                      + (f" model.device is {config.model.device}, which needs one" if wants_cuda
+                         else " images will be generated on the CPU, which is very slow"))
+    elif gpus is None:
+        yield Finding(PROBLEM, "driver", f"{smi_problem}; the NVIDIA driver is not loaded or does"
+                      " not match its tools (a reboot after a driver update often fixes this)")
+    else:
+        for line in gpus.splitlines():
+            yield Finding(OK, "driver", f"GPU {line.strip()}")
+        for node in ("/dev/nvidiactl", "/dev/nvidia-uvm"):
+            if os.path.exists(node) and not os.access(node, os.R_OK | os.W_OK):
+                yield Finding(PROBLEM, "gpu", f"this user cannot open {node}: add it to the group"
+                              " that owns the device (usually video)")
+    if torch.version.cuda is None:
+        if gpus is not None:
+            yield Finding(PROBLEM, "gpu", f"torch {torch.__version__} is a CPU-only build although"
+                          " an NVIDIA GPU is present: re-run install.sh to get the CUDA build")
+        return
+    if not torch.cuda.is_available():
+        if gpus is not None or wants_cuda:
+            yield Finding(PROBLEM, "gpu", f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+                          " cannot use the GPU: the driver may be older than this CUDA needs")
+        return
+    count = torch.cuda.device_count()
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
+    yield Finding(OK, "gpu", f"torch {torch.__version__} uses CUDA {torch.version.cuda} on"
+                  f" {count} GPU(s): {names}")
+    if wants_cuda and ":" in config.model.device and int(config.model.device[5:]) >= count:
+        yield Finding(PROBLEM, "gpu", f"model.device is {config.model.device} but there are only"
+                      f" {count} GPU(s)")
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*")
+               if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES))
+
+
+def check_model(config: Config) -> Iterator[Finding]:
+    folder = config.model.path
+    if not folder.exists():
+        yield Finding(WARNING, "model", f"there is no model at {folder}: the service will create"
+                      " the tiny demo model there, whose images are noise. Install a real one with"
+                      f" `appliance models pull REPO_ID {folder}`")
+        return
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        yield Finding(PROBLEM, "model", f"{folder} has no model_index.json: it is not a diffusers"
+                      " pipeline (a download may have been interrupted; pull it again)")
+        return
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError) as exc:
+        yield Finding(PROBLEM, "model", f"{index_file} cannot be read: {exc}")
+        return
+    components = sorted(name for name, value in index.items() if not name.startswith("_")
+                        and isinstance(value, list) and value and value[0] is not None
+                        and name not in ("safety_checker", "feature_extractor"))
+    missing = [name for name in components if not (folder / name).is_dir()]
+    if missing:
+        yield Finding(PROBLEM, "model", f"{folder} lacks the folders {', '.join(missing)} that its"
+                      " model_index.json lists: the download is incomplete; pull it again")
+        return
+    unweighted = [name for name in components if (folder / name / "config.json").exists()
+                  and _weight_bytes(folder / name) == 0]
+    if unweighted:
+        yield Finding(PROBLEM, "model", f"{folder}: {', '.join(unweighted)} has no weights file"
+                      " (.safetensors or .bin): the download is incomplete; pull it again")
+        return
+    unreadable = [str(path) for path in folder.rglob("*") if not os.access(path, os.R_OK)]
+    if unreadable:
+        yield Finding(PROBLEM, "model", f"this user cannot read {unreadable[0]}"
+                      + (f" and {len(unreadable) - 1} more files" if len(unreadable) > 1 else ""))
+        return
+    size = _weight_bytes(folder)
+    kind = index.get("_class_name", "a pipeline")
+    if size < DEMO_MODEL_BYTES:
+        yield Finding(WARNING, "model", f"{folder} holds a {kind} of only {size // 1024} KiB:"
+                      " the tiny demo model, whose images are noise")
+    else:
+        yield Finding(OK, "model", f"{folder} holds a {kind} ({size / 1024**3:.1f} GiB of weights)")
+
+
+def check_database(config: Config) -> Iterator[Finding]:
+    from appliance.core.schema import migrations
+
+    data_dir = config.storage.data_dir
+    if data_dir.exists():
+        if not os.access(data_dir, os.W_OK):
+            yield Finding(PROBLEM, "storage", f"this user cannot write to {data_dir}")
+        free = shutil.disk_usage(data_dir).free
+        if free < NO_DISK_BYTES:
+            yield Finding(PROBLEM, "storage", f"only {free // 1024**2} MiB free on the disk of"
+                          f" {data_dir}: new images cannot be saved")
+        elif free < LOW_DISK_BYTES:
+            yield Finding(WARNING, "storage", f"only {free / 1024**3:.1f} GiB free on the disk of"
+                          f" {data_dir}")
+    path = config.storage.database
+    if not path.exists():
+        yield Finding(NOTE, "database", f"there is no database at {path} yet: `appliance init`"
+                      " or the first start creates it")
+        return
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            result = [row[0] for row in conn.execute("PRAGMA quick_check")]
+            pending = [m.name for m in migrations.pending(Database(conn))]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        yield Finding(PROBLEM, "database", f"{path} cannot be read: {exc}")
+        return
+    if result != ["ok"]:
+        yield Finding(PROBLEM, "database", f"{path} is damaged ({'; '.join(result[:3])}): restore"
+                      " the last backup with `appliance restore`")
+        return
+    if pending:
+        yield Finding(NOTE, "database", f"{path} is fine; the next start upgrades its schema"
+                      f" ({', '.join(pending)})")
+    else:
+        yield Finding(OK, "database", f"{path} passes its integrity check and is up to date")
+
+
+def check_service(config: Config) -> Iterator[Finding]:
+    pid = holder(config.storage.data_dir)
+    if pid is None:
+        yield Finding(NOTE, "service", "the service is not running on this data folder")
+        return
+    host = config.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.server.port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            response.read()
+        yield Finding(OK, "service", f"running (pid {pid}) and ready at {url}")
+    except urllib.error.HTTPError as exc:
+        try:
+            why = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            why = exc.reason
+        yield Finding(PROBLEM, "service", f"running (pid {pid}) but not ready: {why}")
+    except OSError as exc:
+        yield Finding(PROBLEM, "service", f"running (pid {pid}) but {url} does not answer: {exc}")
+
+
+CHECKS = (check_config, check_gpu, check_model, check_database, check_service)
+
+
+def diagnose(config: Config) -> list[Finding]:
+    findings: list[Finding] = []
+    for check in CHECKS:
+        try:
+            findings.extend(check(config))
+        except Exception as exc:  # noqa: BLE001 - one broken check must not hide the others
+            findings.append(Finding(PROBLEM, check.__name__.removeprefix("check_"),
+                                    f"the check itself failed: {type(exc).__name__}: {exc}"))
+    return findings

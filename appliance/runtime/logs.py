@@ -1,0 +1,115 @@
+"""Structured logs: one record a line, as logfmt or JSON, with secrets masked.
+
+Every record of the process (ours, uvicorn's, litestar's, diffusers') goes
+through the root handler set up here, so masking there covers all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from appliance.core.config import LoggingConfig
+
+REDACTED = "[redacted]"
+
+# API keys anywhere in a line (messages, tracebacks, request paths), and the
+# values after words that carry credentials: "Bearer x", "password=x",
+# "session: x", "cookie=x".
+_SECRET_PATTERNS = [
+    (re.compile(r"wi_live_[0-9A-Za-z]+"), "wi_live_" + REDACTED),
+    (re.compile(r"(?i)\b(bearer)\s+[^\s\"',;]+"), r"\1 " + REDACTED),
+    (re.compile(r"(?i)\b(password|passwd|secret|session(?:[_-]?id)?|cookie|authorization|token)"
+                r"(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\s\"',;&]+"),
+     r"\1\2" + REDACTED),
+]
+_SECRET_FIELD = re.compile(r"(?i)password|passwd|secret|session|cookie|authorization|token|api_?key")
+
+# Attributes every LogRecord has; anything else came from `extra=` and is a field.
+_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _access_fields(record: logging.LogRecord) -> dict[str, Any]:
+    # uvicorn's access records carry (client, method, path, http version, status).
+    args = record.args
+    if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+        client, method, path, _, status = args
+        return {"client": client, "method": method, "path": path, "status": status}
+    return {}
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    fields.update(_access_fields(record))
+    for name, value in vars(record).items():
+        if name not in _RECORD_ATTRIBUTES and not name.startswith("_"):
+            fields[name] = REDACTED if _SECRET_FIELD.search(name) else value
+    if record.exc_info:
+        fields["exc"] = logging.Formatter().formatException(record.exc_info)
+    elif record.exc_text:
+        fields["exc"] = record.exc_text
+    return fields
+
+
+def _logfmt_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if text and not re.search(r'[\s"=\\]', text):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = " ".join(f"{key}={_logfmt_value(value)}" for key, value in record_fields(record).items())
+        return redact(line)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(json.dumps(record_fields(record), default=str, ensure_ascii=False))
+
+
+HANDLER_NAME = "appliance"
+FORMATTERS = {"logfmt": LogfmtFormatter, "json": JsonFormatter}
+
+
+def configure_logging(settings: LoggingConfig, stream=None) -> None:
+    """Routes every logger of the process to one stderr handler in the chosen format."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(FORMATTERS[settings.format]())
+    handler.set_name(HANDLER_NAME)
+    root = logging.getLogger()
+    # Replaces a handler of an earlier call, or logging.basicConfig's; handlers
+    # that others added (a test runner's capture) stay.
+    for old in list(root.handlers):
+        if old.get_name() == HANDLER_NAME or type(old) is logging.StreamHandler:
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.level.upper())
+    # uvicorn's loggers would otherwise keep handlers of their own.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True

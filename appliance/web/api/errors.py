@@ -1,0 +1,122 @@
+"""Every error leaves as JSON with an `error` sentence, whatever raised it."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import sqlite3
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+
+from appliance.core.errors import ApplianceError
+
+log = logging.getLogger(__name__)
+
+_TYPE_WORDS = {"array": "a list", "str": "a string", "int": "a number", "float": "a number",
+               "object": "a JSON object", "null": "null", "bool": "true or false"}
+
+
+def _type_word(name: str) -> str:
+    return _TYPE_WORDS.get(name, name)
+
+
+def body_problem(message: str, key: str) -> str:
+    """Rewords one msgspec validation message about the request body."""
+    where = "the request body" if key == "data" else f"'{key}'"
+    if m := re.fullmatch(r"Object missing required field `(\w+)`", message):
+        return f"the request body has no '{m[1]}' field"
+    if m := re.fullmatch(r"Object contains unknown field `(\w+)`", message):
+        return f"the request body has an unknown field '{m[1]}'"
+    # Optional fields are typed `T | null`; null is their default, not worth naming.
+    if re.fullmatch(r"Expected `int( \| null)?`, got `float`", message):
+        return f"{where} must be a whole number"
+    if m := re.fullmatch(r"Expected `(\w+)(?: \| null)?`, got `(\w+)`", message):
+        return f"{where} must be {_type_word(m[1])}, not {_type_word(m[2])}"
+    if key == "data":
+        return "the request body is empty or not a JSON object"
+    return f"{where}: {message}"
+
+
+def validation_error(request: Request, exc: ValidationException) -> Response[Any]:
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    body = [e for e in extra if isinstance(e, dict) and e.get("source") == "body"]
+    if body:
+        message = body_problem(str(body[0].get("message", "")), str(body[0].get("key", "")))
+    elif extra and isinstance(extra[0], dict):
+        first = extra[0]
+        message = f"'{first.get('key')}' is not valid: {first.get('message')}"
+    else:
+        message = exc.detail
+    return _json_error(message, 400)
+
+
+def http_error(request: Request, exc: HTTPException) -> Response[Any]:
+    message = exc.detail
+    if message.startswith("JSON is malformed"):
+        message = "the request body is not valid JSON" + message[len("JSON is malformed"):]
+    if exc.status_code == 413:
+        limit = request.app.state.config.limits.max_request_bytes
+        message = f"the request body is larger than {limit} bytes (limits.max_request_bytes)"
+    return _json_error(message, exc.status_code, exc.headers)
+
+
+def appliance_error(request: Request, exc: ApplianceError) -> Response[Any]:
+    return _json_error(exc.message, exc.status, exc.headers)
+
+
+# Seconds a client should wait: a lock is usually a short backup or CLI write;
+# a full disk needs a person.
+BUSY_RETRY_AFTER_SECONDS = 5
+FULL_RETRY_AFTER_SECONDS = 60
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def database_error(request: Request, exc: sqlite3.Error) -> Response[Any]:
+    """A locked or full database is the server's passing trouble, not a bug: 503, retry later.
+
+    Every write runs in one transaction, so whatever failed left nothing behind.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if code is not None else None
+    if primary in _BUSY_CODES or "database is locked" in str(exc):
+        log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return _json_error("The database is busy with another writer; nothing was changed."
+                           " Try again shortly", 503,
+                           {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    if primary == sqlite3.SQLITE_FULL:
+        return _disk_full(request, exc)
+    return unexpected_error(request, exc)
+
+
+def os_error(request: Request, exc: OSError) -> Response[Any]:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _disk_full(request, exc)
+    return unexpected_error(request, exc)
+
+
+def _disk_full(request: Request, exc: Exception) -> Response[Any]:
+    log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+    return _json_error("The server's disk is full; nothing was changed. Try again later", 503,
+                       {"Retry-After": str(FULL_RETRY_AFTER_SECONDS)})
+
+
+def unexpected_error(request: Request, exc: Exception) -> Response[Any]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _json_error("Internal server error", 500)
+
+
+def _json_error(message: str, status: int, headers: dict[str, str] | None = None) -> Response[Any]:
+    return Response({"error": message}, status_code=status, headers=headers or {})
+
+
+EXCEPTION_HANDLERS = {
+    ApplianceError: appliance_error,
+    ValidationException: validation_error,
+    HTTPException: http_error,
+    sqlite3.Error: database_error,
+    OSError: os_error,
+    Exception: unexpected_error,
+}

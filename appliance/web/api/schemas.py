@@ -1,0 +1,171 @@
+"""The JSON shapes of the API, kept apart from storage. Field names are camelCase."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from appliance.jobs.models import ImageStatus, JobStatus
+
+
+def described(kind: type, text: str) -> type:
+    return Annotated[kind, msgspec.Meta(description=text)]  # type: ignore[return-value]
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+
+
+SIZE_RULE = ("a multiple of 8 within the server's bounds (config.toml generation.min_size to"
+             " generation.max_size, by default 64 to 1024)")
+
+
+class CreateImagesRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    prompts: described(list[str], "One image is made for each prompt, in order.")
+    negative_prompt: described(str, "What the images should not show; applies to every"
+                                    " prompt. Blank means none.") | None = None
+    width: described(int, f"Width in pixels: {SIZE_RULE}."
+                          " Default: config.toml generation.width.") | None = None
+    height: described(int, f"Height in pixels: {SIZE_RULE}."
+                           " Default: config.toml generation.height.") | None = None
+    steps: described(int, "Denoising steps, within generation.min_steps to generation.max_steps"
+                          " (by default 1 to 100). Default: generation.steps.") | None = None
+    guidance_scale: described(float, "Classifier-free guidance scale, within"
+                                     " generation.min_guidance_scale to"
+                                     " generation.max_guidance_scale (by default 0 to 20)."
+                                     " Default: generation.guidance_scale.") | None = None
+    seed: described(int, "Base seed, 0 to 4294967295: image i uses (seed + i) mod 2**32, so the"
+                         " same request on the same device gives the same images. Without it"
+                         " each image gets a random seed.") | None = None
+
+
+class CreateImagesResponse(msgspec.Struct, rename="camel"):
+    job_id: str
+    total_images: int
+    credits_used: int
+    credits: int
+
+
+
+
+class JobImage(msgspec.Struct, rename="camel", omit_defaults=True):
+    index: int
+    prompt: str
+    status: ImageStatus
+    seed: int
+    url: str | None = None
+    error: str | None = None
+    finished_at: str | None = None
+
+
+class JobParameters(msgspec.Struct, rename="camel"):
+    """The generation parameters the job's images were made with, defaults filled in."""
+
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: described(int, "The base seed asked for; null when each image drew a random"
+                         " seed (see each image's seed).") | None
+
+
+class JobResponse(msgspec.Struct, rename="camel"):
+    job_id: str
+    status: described(JobStatus, "queued: no image started yet; processing: some started;"
+                                 " completed: all ended, at least one made; failed: all"
+                                 " ended, none made, some failed; cancelled: every image"
+                                 " was cancelled before it started.")
+    total_images: int
+    completed_images: int
+    failed_images: int
+    pending_images: int
+    credits_used: int
+    credits_refunded: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    images: list[JobImage]
+    cancelled_images: int = 0
+    queue_position: described(int, "How many queued images the engine takes before this"
+                                   " job's next one; null when none of its images is"
+                                   " waiting.") | None = None
+    parameters: JobParameters | None = None
+
+
+# Server-sent events of GET /api/playground/images/{jobId}/events; each one's
+# `data` is one of these, as JSON.
+
+class ProgressEvent(msgspec.Struct, rename="camel"):
+    """`event: progress`: sent first and whenever the job's state or queue position changes."""
+
+    status: JobStatus
+    queue_position: int | None
+    total_images: int
+    completed_images: int
+    failed_images: int
+    cancelled_images: int
+    pending_images: int
+
+
+# `event: image` carries a JobImage as it ends (completed, failed or cancelled);
+# `event: end` carries the final JobResponse, then the stream closes.
+
+
+# The OpenAI-compatible API (/v1) uses OpenAI's snake_case names.
+
+class OpenAIError(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(msgspec.Struct):
+    error: OpenAIError
+
+
+class OpenAIImageRequest(msgspec.Struct, forbid_unknown_fields=True):
+    prompt: described(str, "The text to make images of.")
+    n: described(int, "How many images, 1 to limits.max_prompts_per_request;"
+                      " each costs 1 credit. Default 1.") | None = None
+    size: described(str, f"WIDTHxHEIGHT, each {SIZE_RULE}. Default (or auto): the server's"
+                         " generation.width x generation.height.") | None = None
+    response_format: described(Literal["b64_json", "url"],
+                               "b64_json (the default here): the PNG inline, base64; url: the"
+                               " image's URL on this server, fetched with the same API"
+                               " key.") | None = None
+    model: described(str, "The model's id from GET /v1/models; omit for the loaded"
+                          " model.") | None = None
+    user: described(str, "Accepted for compatibility and ignored.") | None = None
+    quality: described(str, "Accepted for compatibility and ignored.") | None = None
+    style: described(str, "Accepted for compatibility and ignored.") | None = None
+    # Extensions beyond OpenAI's API (the openai client sends them via extra_body).
+    negative_prompt: described(str, "Extension: what the images should not show.") | None = None
+    steps: described(int, "Extension: denoising steps, within the server's bounds.") | None = None
+    guidance_scale: described(float, "Extension: guidance scale, within the server's"
+                                     " bounds.") | None = None
+    seed: described(int, "Extension: base seed; image i uses (seed + i) mod 2**32.") | None = None
+
+
+class OpenAIImage(msgspec.Struct, omit_defaults=True):
+    b64_json: str | None = None
+    url: str | None = None
+
+
+class OpenAIImagesResponse(msgspec.Struct):
+    created: described(int, "Unix time, in seconds, when the job was accepted.")
+    data: list[OpenAIImage]
+
+
+class OpenAIModel(msgspec.Struct):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ai-media-maker"
+
+
+class OpenAIModelList(msgspec.Struct):
+    data: list[OpenAIModel]
+    object: Literal["list"] = "list"

@@ -1,0 +1,81 @@
+"""The web console: sign-in, API keys, dashboard, playground, gallery and admin pages.
+
+ConsolePlugin adds it to the app: its routes, server-side sessions in the
+database, CSRF protection of every form, and the templates.
+"""
+
+from __future__ import annotations
+
+from litestar import Router
+from litestar.config.app import AppConfig
+from litestar.config.csrf import CSRFConfig
+from litestar.datastructures import CacheControlHeader
+from litestar.plugins import InitPlugin
+from litestar.static_files import create_static_files_router
+from litestar.stores.registry import StoreRegistry
+
+from appliance.core.config import Config
+from appliance.ops.initialise import make_secret_file
+from appliance.web.console.admin import AdminPages
+from appliance.web.console.pages import ConsolePages
+from appliance.web.console.rendering import CONSOLE_EXCEPTION_HANDLERS, STATIC, template_config
+from appliance.web.console.security import SecurityHeadersMiddleware, signed_in
+from appliance.web.console.sessions import STORE_NAME, ConsoleSessionConfig, DatabaseSessionStore
+from appliance.web.console.signin_pages import home, login, login_page, logout
+
+CSRF_COOKIE = "console_csrf"
+# Bearer-key clients send no cookies, so CSRF cannot touch them; and the
+# read-only operational endpoints should not hand out cookies.
+CSRF_EXEMPT = [r"^/api/", r"^/v1/", r"^/(healthz|readyz|metrics)$", r"^/schema"]
+
+
+def read_secret(config: Config) -> str:
+    make_secret_file(config.secret_file)
+    secret = config.secret_file.read_text().strip()
+    if len(secret) < 32:
+        raise RuntimeError(f"{config.secret_file} holds no usable secret; delete it and run"
+                           " `appliance init`")
+    return secret
+
+
+class ConsolePlugin(InitPlugin):
+    def __init__(self, config: Config):
+        self.config = config
+
+    def on_app_init(self, app_config: AppConfig) -> AppConfig:
+        console = self.config.console
+        state = app_config.state
+        sessions = ConsoleSessionConfig(max_age=console.idle_timeout_minutes * 60,
+                                        secure=console.secure_cookies)
+        database = DatabaseSessionStore(lambda: state.database.db())
+        if isinstance(app_config.stores, StoreRegistry):
+            app_config.stores.register(STORE_NAME, database)
+        else:
+            app_config.stores = {**(app_config.stores or {}), STORE_NAME: database}
+        if app_config.csrf_config is not None:
+            raise RuntimeError("the console sets the app's CSRF protection; there is one already")
+        app_config.csrf_config = CSRFConfig(
+            secret=read_secret(self.config),
+            cookie_name=CSRF_COOKIE,
+            cookie_httponly=True,  # forms carry the token; no script needs the cookie
+            cookie_samesite="lax",
+            cookie_secure=console.secure_cookies,
+            exclude=CSRF_EXEMPT,
+        )
+        app_config.template_config = template_config()
+        common = {
+            "middleware": [SecurityHeadersMiddleware(), sessions.middleware],
+            "exception_handlers": CONSOLE_EXCEPTION_HANDLERS,
+            "include_in_schema": False,
+        }
+        app_config.route_handlers.extend([
+            Router(path="/", route_handlers=[home, login_page, login, logout], **common),
+            Router(path="/console", route_handlers=[ConsolePages, AdminPages],
+                   guards=[signed_in], **common),
+            create_static_files_router(path="/console/static", directories=[STATIC],
+                                       name="console.static", include_in_schema=False,
+                                       opt={"exclude_from_csrf": True},
+                                       cache_control=CacheControlHeader(max_age=3600),
+                                       middleware=[SecurityHeadersMiddleware()]),
+        ])
+        return app_config

@@ -1,0 +1,113 @@
+"""Templates, their filters, and how errors look in the console."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Redirect, Template
+from litestar.template.config import TemplateConfig
+
+from appliance.core.errors import ApplianceError
+from appliance.web.api import errors as api_errors
+from appliance.web.console.security import SECURITY_HEADERS, SignInRequired
+
+TEMPLATES = Path(__file__).parent / "templates"
+STATIC = Path(__file__).parent / "static"
+LOGIN_PATH = "/login"
+
+
+def when(iso: str | None) -> str:
+    """'2025-01-31T13:45:07.123Z' -> '2025-01-31 13:45 UTC'."""
+    if not iso:
+        return "never"
+    return f"{iso[:10]} {iso[11:16]} UTC"
+
+
+def signed(number: int) -> str:
+    return f"+{number}" if number > 0 else str(number)
+
+
+def _add_filters(engine: JinjaTemplateEngine) -> None:
+    engine.engine.filters.update(when=when, signed=signed)
+
+
+def template_config() -> TemplateConfig:
+    return TemplateConfig(directory=TEMPLATES, engine=JinjaTemplateEngine,
+                          engine_callback=_add_filters)
+
+
+def page(request: Request, template: str, status_code: int = 200, **context: Any) -> Template:
+    me = request.scope.get("user")
+    return Template(template_name=template, status_code=status_code,
+                    context={"me": me, "path": request.url.path, **context})
+
+
+def wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after signing in: only a console page of this site."""
+    if target and target.startswith("/console") and "//" not in target and "\\" not in target:
+        return target
+    return "/console"
+
+
+def _html_error(request: Request, message: str, status: int,
+                headers: dict[str, str] | None = None) -> Response[Any]:
+    response = page(request, "error.html", status_code=status, message=message, status=status)
+    response.headers.update({**(headers or {}), **SECURITY_HEADERS, "Cache-Control": "no-database"})
+    return response  # type: ignore[return-value]
+
+
+def _with_headers(response: Response[Any]) -> Response[Any]:
+    response.headers.update({**SECURITY_HEADERS, "Cache-Control": "no-database"})
+    return response
+
+
+def console_error(request: Request, exc: Exception) -> Response[Any]:
+    """People get a page; the console's own scripts and other clients get JSON."""
+    if isinstance(exc, SignInRequired) and wants_html(request):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        query = urlencode({"next": target}) if request.method == "GET" else ""
+        return _with_headers(Redirect(f"{LOGIN_PATH}?{query}" if query else LOGIN_PATH,
+                                      status_code=303))
+    if isinstance(exc, ApplianceError):
+        response = api_errors.appliance_error(request, exc)
+        message, status = exc.message, exc.status
+    elif isinstance(exc, ValidationException):
+        response = api_errors.validation_error(request, exc)
+        message, status = "The form is missing a field or has a wrong value", 400
+    elif isinstance(exc, HTTPException):
+        response = api_errors.http_error(request, exc)
+        message, status = _page_message(exc), exc.status_code
+    else:
+        response = api_errors.unexpected_error(request, exc)
+        message, status = "Something went wrong on the server; it has been logged", 500
+    if wants_html(request):
+        return _html_error(request, message, status, dict(response.headers))
+    return _with_headers(response)
+
+
+def _page_message(exc: HTTPException) -> str:
+    if exc.detail == "CSRF token verification failed":
+        return ("The form had expired or came from another site, so it was not accepted."
+                " Go back, reload the page and try again.")
+    if exc.status_code == 404:
+        return "There is no such page"
+    if exc.status_code == 405:
+        return "That address cannot be used this way"
+    return exc.detail
+
+
+CONSOLE_EXCEPTION_HANDLERS = {
+    ApplianceError: console_error,
+    ValidationException: console_error,
+    HTTPException: console_error,
+    Exception: console_error,
+}

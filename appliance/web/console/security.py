@@ -1,0 +1,112 @@
+"""Who may see a console page, and the headers every console response carries."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio.to_thread
+from litestar.connection import ASGIConnection
+from litestar.datastructures import MutableScopeHeaders
+from litestar.enums import ScopeType
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from appliance.accounts import audit
+from appliance.accounts.accounts import Account, get_account
+from appliance.core.errors import ApplianceError, Forbidden, NotFound
+
+MAX_USER_AGENT = 300
+
+# No inline script or style anywhere in the console, so the policy can be strict.
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'none'",
+    "script-src 'self'",
+    "style-src 'self'",
+    "img-src 'self'",
+    "connect-src 'self'",
+    "form-action 'self'",
+    "frame-ancestors 'none'",
+    "base-uri 'none'",
+])
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+
+class SignInRequired(ApplianceError):
+    status = 401
+
+    def __init__(self, message: str = "Sign in to use the console"):
+        super().__init__(message)
+
+
+class SecurityHeadersMiddleware(ASGIMiddleware):
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                add_security_headers(MutableScopeHeaders.from_message(message))
+            await send(message)
+
+        await next_app(scope, receive, send_with_headers)
+
+
+def add_security_headers(headers: Any) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        headers[name] = value
+    # Console pages show private data: no shared or back-button caches,
+    # unless the handler chose otherwise (images).
+    if "cache-control" not in headers:
+        headers["Cache-Control"] = "no-database"
+
+
+def actor(connection: ASGIConnection, by: str | None = None) -> audit.Actor:
+    agent = connection.headers.get("user-agent")
+    return audit.Actor(
+        ip_address=connection.client.host if connection.client else None,
+        user_agent=agent[:MAX_USER_AGENT] if agent else None,
+        by=by,
+    )
+
+
+def start_session(connection: ASGIConnection, account: Account) -> None:
+    connection.set_session({"account_id": account.id, "signed_in_at": time.time()})
+
+
+async def signed_in(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: a live session of an enabled account, within the absolute timeout.
+
+    The account is read on every request, so disabling it signs it out at once.
+    """
+    session = connection.session if "session" in connection.scope else {}
+    account_id = session.get("account_id") if isinstance(session, dict) else None
+    if not isinstance(account_id, int):
+        raise SignInRequired()
+    console = connection.app.state.config.console
+    started = session.get("signed_in_at")
+    if not isinstance(started, (int, float)) or \
+            time.time() - started > console.absolute_timeout_hours * 3600:
+        connection.clear_session()
+        raise SignInRequired("Your sign-in has expired; sign in again")
+    database = connection.app.state.database
+    try:
+        account = await anyio.to_thread.run_sync(lambda: get_account(database.db(), account_id))
+    except NotFound:
+        account = None
+    if account is None or account.disabled:
+        connection.clear_session()
+        raise SignInRequired()
+    connection.scope["user"] = account
+
+
+async def admins_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    if not connection.user.is_admin:
+        raise Forbidden("Only administrators can open this page")
