@@ -279,7 +279,7 @@ write_config() {
 install_model() {
     local system="$1" model="$2" model_dir="$3" no_model="$4"
     local model_path
-    model_path="$("$VENV/bin/python" -c 'import sys; from appliance.config import load_config; print(load_config(sys.argv[1]).model.path)' "$CONFIG")"
+    model_path="$("$VENV/bin/python" -c 'import sys; from appliance.core.config import load_config; print(load_config(sys.argv[1]).model.path)' "$CONFIG")"
     if [ -f "$model_path/model_index.json" ]; then
         say "keeping the model in $model_path"
         return

@@ -11,6 +11,7 @@ from appliance.accounts import accounts, audit, keys
 from appliance.core.config import Config, config_from_dict
 from appliance.core.database import ConnectionPool
 from appliance.engine.synth import synthesize
+from appliance.services import Services
 from appliance.web.app import create_app
 
 # Every key and password the suite makes, and every log line, for test_secrets.py.
@@ -58,9 +59,10 @@ def database(config) -> Iterator[ConnectionPool]:
 class Client:
     """A TestClient with the helpers the API tests share."""
 
-    def __init__(self, client: TestClient, database: ConnectionPool):
+    def __init__(self, client: TestClient, database: ConnectionPool, services: Services):
         self.http = client
         self.database = database
+        self.services = services
 
     def account(self, email: str = "dev@example.com", credits: int = 6) -> accounts.Account:
         return accounts.create_account(self.database.db(), email, "correct horse battery",
@@ -93,16 +95,16 @@ def make_client(config, database) -> Iterator[Callable[..., Client]]:
     clients: list[TestClient] = []
 
     def make(load_generator=None, app_config: Config | None = None) -> Client:
-        app = create_app(app_config or config, load_generator=load_generator)
-        client = TestClient(app)
+        services = Services.build(app_config or config, load_generator=load_generator)
+        client = TestClient(create_app(services))
         client.__enter__()
         clients.append(client)
         deadline = time.monotonic() + 60
-        while not app.state.engine.ready:
-            if app.state.engine.worker.load_error or time.monotonic() > deadline:
-                raise AssertionError(f"engine not ready: {app.state.engine.worker.load_error}")
+        while not services.engine.ready:
+            if services.engine.load_error or time.monotonic() > deadline:
+                raise AssertionError(f"engine not ready: {services.engine.load_error}")
             time.sleep(0.02)
-        return Client(client, database)
+        return Client(client, database, services)
 
     yield make
     for client in clients:

@@ -14,13 +14,15 @@ import uvicorn
 from appliance.accounts import accounts, audit, keys
 from appliance.bench.serving import free_port
 from appliance.core.config import Config
+from appliance.services import Services
 from appliance.web.app import create_app
 
 
 class LiveServer:
     def __init__(self, config: Config, load_generator=None):
         port = free_port()
-        self.app = create_app(config, load_generator=load_generator)
+        self.services = Services.build(config, load_generator=load_generator)
+        self.app = create_app(self.services)
         self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
                                                     log_config=None, lifespan="on"))
@@ -30,10 +32,10 @@ class LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while True:
-            engine = getattr(self.app.state, "engine", None)
-            if self.server.started and engine is not None and engine.ready:
+            engine = self.services.engine
+            if self.server.started and engine.ready:
                 return self
-            if (engine is not None and engine.worker.load_error) or not self.thread.is_alive() \
+            if engine.load_error or not self.thread.is_alive() \
                     or time.monotonic() > deadline:
                 raise AssertionError("the live server did not start")
             time.sleep(0.02)
@@ -44,7 +46,7 @@ class LiveServer:
 
     @property
     def db(self):
-        return self.app.state.database.db()
+        return self.services.database.db()
 
     def account_with_key(self, email: str = "dev@example.com", credits: int = 6):
         account = accounts.create_account(self.db, email, "correct horse battery",

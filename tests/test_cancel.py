@@ -39,7 +39,7 @@ def test_cancel_refunds_images_not_started_and_settles_the_job(make_client, make
     assert (body["cancelledImages"], body["creditsRefunded"], body["pendingImages"]) == (2, 2, 0)
     assert body["queuePosition"] is None
     # Out of the queue at once: only the first job's two waiting images hold places.
-    queue = client.http.app.state.engine.queue
+    queue = client.services.engine.queue
     assert len(queue) == 2
 
     partly = client.http.delete(f"{URL}/{running['jobId']}", headers=bearer(key)).json()

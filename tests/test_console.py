@@ -13,6 +13,7 @@ from litestar.testing import TestClient
 
 from appliance.accounts import accounts, audit, keys
 from appliance.core.clock import utc_now
+from appliance.services import Services
 from appliance.web.app import create_app
 from appliance.web.console.security import SECURITY_HEADERS
 from appliance.web.console.sessions import COOKIE_NAME
@@ -92,10 +93,10 @@ def test_sign_in_rotates_the_session_id_and_sign_out_ends_it_on_the_server(clien
 
 def test_a_session_survives_a_restart_of_the_service(config, database):
     accounts.create_account(database.db(), "dev@example.com", PASSWORD, audit.Actor.cli())
-    with TestClient(create_app(config)) as http:
+    with TestClient(create_app(Services.build(config))) as http:
         assert sign_in(http, "dev@example.com").status_code == 303
         cookies = dict(http.cookies)
-    with TestClient(create_app(config)) as http:
+    with TestClient(create_app(Services.build(config))) as http:
         http.cookies.update(cookies)
         page = http.get("/console", headers=HTML, follow_redirects=False)
         assert page.status_code == 200 and "dev@example.com" in page.text
@@ -104,7 +105,7 @@ def test_a_session_survives_a_restart_of_the_service(config, database):
 def test_idle_and_absolute_timeouts_end_a_session(client):
     http, db = client.http, client.database.db()
     client.account("dev@example.com")
-    console = client.http.app.state.config.console
+    console = client.services.config.console
 
     sign_in(http, "dev@example.com")
     key_hash = digest(session_id(http))

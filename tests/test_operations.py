@@ -20,6 +20,7 @@ from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import image_relpath, mark_completed, mark_running, submit
 from appliance.ops.housekeeping import Housekeeping
 from appliance.runtime.logs import configure_logging
+from appliance.services import Services
 from appliance.web.app import create_app
 
 from .conftest import TEST_GENERATION, bearer
@@ -165,7 +166,7 @@ def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(database, make_
     caplog.set_level(logging.INFO, logger="appliance.ops.housekeeping")
 
     client = make_client()
-    scheduler = client.http.app.state.scheduler
+    scheduler = client.services.scheduler
     assert scheduler.job_ids() == ["prune-audit", "prune-console-sessions", "prune-images",
                                    "remove-partial-files", "sqlite-upkeep"]
     assert scheduler.scheduler.running
@@ -236,7 +237,7 @@ def test_readyz_says_why_until_the_model_is_loaded(config):
         release.wait(30)
         raise RuntimeError("no weights here")
 
-    with TestClient(create_app(config, load_generator=slow_then_broken)) as http:
+    with TestClient(create_app(Services.build(config, load_generator=slow_then_broken))) as http:
         loading = http.get("/readyz")
         assert loading.status_code == 503 and loading.headers["retry-after"] == "5"
         assert loading.json()["error"] == ("Not ready: the model is still loading;"

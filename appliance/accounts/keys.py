@@ -6,7 +6,6 @@ byte by byte in Python, and a stolen database yields no usable key.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 import threading
@@ -18,6 +17,7 @@ from sqlite_utils import Database
 from appliance.accounts import audit
 from appliance.core.clock import utc_now
 from appliance.core.database import immediate
+from appliance.core.digests import sha256_hex
 from appliance.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 
 KEY_PREFIX = "wi_live_"
@@ -50,7 +50,7 @@ def generate_key() -> str:
 
 
 def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    return sha256_hex(key)
 
 
 def token_from_header(header: str | None) -> str:

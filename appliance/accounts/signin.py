@@ -10,19 +10,20 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlite_utils import Database
 
 from appliance.accounts import audit
 from appliance.accounts.accounts import Account, get_account, verify_password
-from appliance.core.clock import utc_iso
+from appliance.core.clock import parse_utc, utc_clock, utc_iso
 from appliance.core.config import ConsoleConfig
 from appliance.core.errors import Forbidden, TooManyRequests, Unauthorized
 
 WRONG_CREDENTIALS = "The email or password is not right"
 DISABLED = "This account is disabled; ask an administrator"
 FAILED, SUCCEEDED, THROTTLED = "login.failed", "login.success", "login.throttled"
+SIGNED_OUT = "logout"
 
 
 @dataclass(frozen=True)
@@ -45,17 +46,13 @@ def _decoy_hash() -> str:
     return hash_password("decoy password, never matches")
 
 
-def _parse(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def sign_in(db: Database, email: str, password: str, actor: audit.Actor,
             limits: SignInLimits) -> Account:
     email = email.strip().lower()
     row = db.execute("SELECT id, password_hash, disabled_at FROM accounts WHERE email = ?",
                      [email]).fetchone()
     account_id = row[0] if row else None
-    now = datetime.now(timezone.utc)
+    now = utc_clock()
     wait = _seconds_throttled(db, account_id, actor.ip_address, now, limits)
     if wait:
         audit.record(db, THROTTLED, actor, account_id=account_id, details={"email": email})
@@ -107,4 +104,4 @@ def _wait(db: Database, where: str, params: list, since: str, allowed: int, now:
     ).fetchone()
     if row is None:
         return 0
-    return max(1, math.ceil((_parse(row[0]) + window - now).total_seconds()))
+    return max(1, math.ceil((parse_utc(row[0]) + window - now).total_seconds()))

@@ -19,13 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from appliance.accounts import accounts, audit, keys
+from appliance.core.clock import parse_utc
 from appliance.core.database import ConnectionPool
 from appliance.jobs.models import ImageStatus, JobStatus
 
@@ -190,9 +190,6 @@ def _client(base: str, run: ClientRun, start: threading.Barrier, images_dir: Pat
         start.abort()
 
 
-def _iso(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
 
 def percentile(values: list[float], fraction: float) -> float:
     if len(values) == 1:
@@ -229,7 +226,7 @@ def drive(server: Server, runs: list[ClientRun], images_dir: Path,
     jobs = [job for run in runs for job in run.finished.values()]
     completed = sum(job["completedImages"] for job in jobs)
     # The server's own timestamps: exact, where polling would add up to poll_seconds.
-    latencies = [(_iso(job["finishedAt"]) - _iso(job["createdAt"])).total_seconds()
+    latencies = [(parse_utc(job["finishedAt"]) - parse_utc(job["createdAt"])).total_seconds()
                  for job in jobs]
     return {
         "images": sum(job["totalImages"] for job in jobs),

@@ -13,14 +13,13 @@ def utc_clock() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def utc_now() -> str:
-    """ISO 8601 UTC with milliseconds; sorts as text in time order."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def utc_iso(moment: datetime) -> str:
-    """An aware datetime in utc_now()'s format, e.g. for an expiry time."""
+    """ISO 8601 UTC with milliseconds, e.g. 2025-01-31T13:45:07.123Z: sorts as text in time order."""
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utc_now() -> str:
+    return utc_iso(utc_clock())
 
 
 def parse_utc(text: str) -> datetime:

@@ -92,6 +92,11 @@ class ConnectionPool:
         self._lock = threading.Lock()
         migrate(self.db())
 
+    def __deepcopy__(self, memo: dict) -> ConnectionPool:
+        # One pool per database file: the copies Litestar makes of the routes
+        # and middleware that hold it must share it, not clone its connections.
+        return self
+
     def db(self) -> Database:
         db = getattr(self._local, "db", None)
         if db is None:

@@ -1,15 +1,20 @@
-"""The engine: the queue, a worker per device that owns its pipeline, the PNG writers."""
+"""The engine: the queue, a worker per device that owns its pipeline, the PNG writers.
+
+torch is imported only by the diffusers generator, when a worker loads its
+model, and by gpu.py when asked about CUDA: the rest imports without it.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from functools import partial
 
-import torch
-
 from appliance.core.config import Config
 from appliance.core.database import ConnectionPool
+from appliance.engine import gpu
+from appliance.engine.metrics import EngineMetrics, EngineStatus
 from appliance.engine.queue import ImageQueue
 from appliance.engine.worker import ImageGenerator, Worker
 from appliance.engine.writer import ImageWriter
@@ -17,14 +22,19 @@ from appliance.jobs.store import unfinished_images
 
 log = logging.getLogger(__name__)
 
+# How long stopping waits for each worker's batch in progress; one still
+# running after that is left to die with the process (its images stay
+# running in the database and are made again after the restart).
+STOP_TIMEOUT_SECONDS = 30.0
+
 
 def worker_devices(config: Config) -> list[str]:
     """One entry per worker: engine.devices, or model.device when that is empty."""
     devices = config.engine.devices
     if devices == "all":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count:
-            return [f"cuda:{index}" for index in range(count)]
+        found = gpu.cuda_devices()
+        if found:
+            return found
         log.warning("engine.devices is \"all\" but there is no CUDA GPU: one worker on the CPU")
         return ["cpu"]
     return list(devices) or [config.model.device]
@@ -39,6 +49,8 @@ class Engine:
         engine = config.engine
         self.queue = ImageQueue(engine.queue_capacity)
         self.devices = worker_devices(config)
+        self.metrics = EngineMetrics()
+        self.metrics.watch(self.status)
         self.writer = ImageWriter(config.images_dir, engine.png_threads, engine.png_compress_level)
         if load_generator is None:
             from appliance.engine.diffusers_generator import load_configured_generator
@@ -48,10 +60,10 @@ class Engine:
             loaders = [load_generator] * len(self.devices)
         several = len(self.devices) > 1
         self.workers = [
-            Worker(database, self.queue, loader, self.writer, engine.batch_size,
+            Worker(database, self.queue, loader, self.writer, self.metrics, engine.batch_size,
                    engine.batch_window_seconds,
                    name=f"engine-worker-{device}" if several else "engine-worker")
-            for device, loader in zip(self.devices, loaders)
+            for device, loader in zip(self.devices, loaders, strict=True)
         ]
 
     @property
@@ -72,15 +84,19 @@ class Engine:
         for worker in self.workers:
             worker.signal_stop()
         for worker in self.workers:
-            worker.join(30.0)
+            worker.join(STOP_TIMEOUT_SECONDS)
         # Batches already generated are saved and recorded before the database closes.
         self.writer.close()
-        _log_peak_gpu_memory()
+        gpu.log_peak_memory()
 
     @property
     def ready(self) -> bool:
         """Every worker has its model loaded and warmed up, and runs."""
         return all(w.ready.is_set() and w.is_alive() for w in self.workers)
+
+    @property
+    def loading(self) -> bool:
+        return not all(w.ready.is_set() for w in self.workers)
 
     @property
     def load_error(self) -> BaseException | None:
@@ -91,14 +107,16 @@ class Engine:
         """The stalest worker's heartbeat (time.monotonic)."""
         return min(w.heartbeat for w in self.workers)
 
+    def worker_problem(self, stall_limit: float) -> str | None:
+        """Why the workers cannot take work, or None while they keep coming back to the queue."""
+        if not all(worker.is_alive() for worker in self.workers):
+            return "an engine worker has stopped"
+        stalled = time.monotonic() - self.heartbeat
+        if stalled > stall_limit:
+            return (f"an engine worker has not come back for {stalled:.0f} s (limit"
+                    f" {stall_limit:.0f} s): a batch is hung")
+        return None
 
-def _log_peak_gpu_memory() -> None:
-    # Only where this process already uses CUDA: asking would otherwise start it.
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return
-    gib = 2**30
-    for index in range(torch.cuda.device_count()):
-        if torch.cuda.max_memory_allocated(index):
-            log.info("peak GPU memory on cuda:%d: %.2f GiB allocated, %.2f GiB reserved", index,
-                     torch.cuda.max_memory_allocated(index) / gib,
-                     torch.cuda.max_memory_reserved(index) / gib)
+    def status(self) -> EngineStatus:
+        return EngineStatus(queue_depth=len(self.queue), ready=self.ready,
+                            heartbeat_age_seconds=max(0.0, time.monotonic() - self.heartbeat))

@@ -1,10 +1,9 @@
-"""A batch's images between the GPU thread that made them and the threads that save them."""
+"""A batch's pixels on their way from the GPU to the threads that save them."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -44,17 +43,3 @@ class PendingImages:
                 self._array = self._host.numpy()
                 self.seconds = time.perf_counter() - self._started
         return Image.fromarray(self._array[index])
-
-
-class ReadyImages:
-    """Images a generator returned whole (the test generators do)."""
-
-    def __init__(self, images: Sequence[Image.Image], started: float):
-        self._images = list(images)
-        self.seconds: float | None = time.perf_counter() - started
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def image(self, index: int) -> Image.Image:
-        return self._images[index]

@@ -18,10 +18,9 @@ from typing import Protocol
 from PIL import Image
 
 from appliance.core.database import ConnectionPool
-from appliance.engine import metrics
-from appliance.engine.pending import ReadyImages
+from appliance.engine.metrics import EngineMetrics
 from appliance.engine.queue import ImageQueue
-from appliance.engine.writer import BatchImages, ImageWriter
+from appliance.engine.writer import BatchImages, ImageWriter, ReadyImages
 from appliance.jobs.models import GenerationSettings, QueuedImage
 from appliance.jobs.store import mark_completed, mark_failed, mark_running
 
@@ -53,6 +52,7 @@ class Worker(threading.Thread):
         queue: ImageQueue,
         load_generator: Callable[[], ImageGenerator],
         writer: ImageWriter,
+        metrics: EngineMetrics,
         batch_size: int,
         batch_window: float = 0.0,
         name: str = "engine-worker",
@@ -63,6 +63,7 @@ class Worker(threading.Thread):
         self.queue = queue
         self.load_generator = load_generator
         self.writer = writer
+        self.metrics = metrics
         self.batch_size = batch_size
         self.batch_window = batch_window
         self.ready = threading.Event()
@@ -135,7 +136,7 @@ class Worker(threading.Thread):
             seconds = images.seconds if images is not None and images.seconds is not None else 0.0
             if saved:
                 self._until_recorded(lambda: mark_completed(self.database.db(), saved))
-                metrics.images_generated(len(saved), seconds)
+                self.metrics.images_generated(len(saved), seconds)
                 log.info("generated %d images in %.2f s", len(saved), seconds)
             by_error: dict[str, list[QueuedImage]] = defaultdict(list)
             for item, error in failed.items():
@@ -146,7 +147,7 @@ class Worker(threading.Thread):
                 # mark_failed refunds only images still owed, so a retry cannot refund twice.
                 self._until_recorded(
                     lambda items=items, error=error: mark_failed(self.database.db(), items, error))
-                metrics.images_failed(len(items))
+                self.metrics.images_failed(len(items))
         except Exception:  # noqa: BLE001 - the rows stay running and are redone at the next start
             log.exception("could not record the end of a batch of %d images", len(batch))
         finally:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -91,3 +92,17 @@ class _Tally:
             last = self._left == 0
         if last:
             self._done(self._saved, self._failed)
+
+
+class ReadyImages:
+    """Images a generator returned whole (the test generators do)."""
+
+    def __init__(self, images: Sequence[Image.Image], started: float):
+        self._images = list(images)
+        self.seconds: float | None = time.perf_counter() - started
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def image(self, index: int) -> Image.Image:
+        return self._images[index]

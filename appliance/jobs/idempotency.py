@@ -8,15 +8,15 @@ first's write lock and then finds its record: never two charges.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from sqlite_utils import Database
 
-from appliance.core.clock import utc_iso
+from appliance.core.clock import utc_clock, utc_iso
+from appliance.core.digests import sha256_hex
 from appliance.core.errors import ApplianceError, BadRequest
 
 HEADER = "Idempotency-Key"
@@ -52,10 +52,6 @@ class Answer:
     credits: int
 
 
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def from_header(value: str | None, request_identity: bytes) -> IdempotentRequest | None:
     """The request's key and fingerprint; None when it carries no key.
 
@@ -67,11 +63,11 @@ def from_header(value: str | None, request_identity: bytes) -> IdempotentRequest
     if not _KEY.fullmatch(value):
         raise BadRequest(f"the {HEADER} header must be 1 to {MAX_KEY_LENGTH} visible ASCII"
                          " characters, such as a UUID")
-    return IdempotentRequest(digest(value.encode("ascii")), digest(request_identity))
+    return IdempotentRequest(sha256_hex(value.encode("ascii")), sha256_hex(request_identity))
 
 
 def _cutoff() -> str:
-    return utc_iso(datetime.now(timezone.utc) - KEPT_FOR)
+    return utc_iso(utc_clock() - KEPT_FOR)
 
 
 def earlier_answer(db: Database, account_id: int, request: IdempotentRequest) -> Answer | None:

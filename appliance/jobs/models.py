@@ -122,6 +122,9 @@ class JobView:
     images: list[ImageView]
     cancelled_images: int = 0
     seed: int | None = None  # the base seed asked for, None when each image drew its own
+    # Queued images the engine takes before this job's next one; None when
+    # none of its images waits (filled in by the job service from the queue).
+    queue_position: int | None = None
 
 
 @dataclass(frozen=True)

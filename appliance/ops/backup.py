@@ -22,6 +22,7 @@ from appliance.core.clock import utc_now
 from appliance.core.config import Config
 from appliance.core.database import BUSY_TIMEOUT_SECONDS
 from appliance.core.errors import ApplianceError, BadRequest
+from appliance.core.version import package_version
 from appliance.ops.lock import service_lock
 
 MANIFEST = "manifest.json"
@@ -119,12 +120,6 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def _package_version() -> str:
-    from appliance.web.app import package_version
-
-    return package_version()
-
-
 def create_backup(config: Config, target: Path) -> BackupSummary:
     target = Path(os.path.abspath(target))
     database = config.storage.database
@@ -150,7 +145,7 @@ def create_backup(config: Config, target: Path) -> BackupSummary:
         manifest = {
             "format": FORMAT,
             "created_at": utc_now(),
-            "version": _package_version(),
+            "version": package_version(),
             "database": DATABASE,
             "integrity_check": "ok",
             "rows": rows,

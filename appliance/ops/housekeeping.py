@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
-from appliance.core.clock import utc_iso
+from appliance.core.clock import Clock, utc_clock, utc_iso
 from appliance.core.config import Config
 from appliance.core.database import ConnectionPool, immediate
 
 log = logging.getLogger(__name__)
-
-Clock = Callable[[], datetime]
 
 # Jobs are pruned a slice at a time so the write lock is never held for long.
 PRUNE_SLICE = 200
@@ -27,10 +24,6 @@ PRUNE_SLICE = 200
 # A PNG is written to a temporary file and renamed into place in milliseconds;
 # one this old was left by a process killed mid-write and will never be renamed.
 PARTIAL_FILE_AGE = timedelta(hours=1)
-
-
-def utc_clock() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True)

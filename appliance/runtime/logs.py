@@ -13,6 +13,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+from appliance.core.clock import utc_iso
 from appliance.core.config import LoggingConfig
 
 REDACTED = "[redacted]"
@@ -41,8 +42,7 @@ def redact(text: str) -> str:
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    moment = datetime.fromtimestamp(record.created, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_iso(datetime.fromtimestamp(record.created, timezone.utc))
 
 
 def _access_fields(record: logging.LogRecord) -> dict[str, Any]:

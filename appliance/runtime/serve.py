@@ -13,17 +13,13 @@ import faulthandler
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import uvicorn
 
 from appliance.core.config import Config
+from appliance.engine.engine import Engine
 from appliance.ops.lock import service_lock
 from appliance.runtime.notify import Notifier
-from appliance.web.health import worker_problem
-
-if TYPE_CHECKING:
-    from litestar import Litestar
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +27,10 @@ TICK_SECONDS = 0.25
 
 
 class Supervisor:
-    def __init__(self, server: uvicorn.Server, app: "Litestar", config: Config, notifier: Notifier,
+    def __init__(self, server: uvicorn.Server, engine: Engine, config: Config, notifier: Notifier,
                  address: str):
         self.server = server
-        self.app = app
+        self.engine = engine
         self.config = config
         self.notifier = notifier
         self.address = address
@@ -47,14 +43,13 @@ class Supervisor:
             if self.server.should_exit:
                 return
             await asyncio.sleep(TICK_SECONDS / 5)
-        engine = self.app.state.engine
-        if not await self._until_ready(engine):
+        if not await self._until_ready(self.engine):
             return
         while not self.server.should_exit:
-            self._watch(engine)
+            self._watch(self.engine)
             await asyncio.sleep(TICK_SECONDS)
 
-    async def _until_ready(self, engine) -> bool:
+    async def _until_ready(self, engine: Engine) -> bool:
         while not self.server.should_exit:
             if engine.ready:
                 # Until systemd has it, it would go on waiting: try again next tick.
@@ -76,8 +71,8 @@ class Supervisor:
             await asyncio.sleep(TICK_SECONDS / 5)
         return False
 
-    def _watch(self, engine) -> None:
-        reason = worker_problem(engine, self.config.health.worker_stall_seconds)
+    def _watch(self, engine: Engine) -> None:
+        reason = engine.worker_problem(self.config.health.worker_stall_seconds)
         healthy = reason is None
         if not healthy and not self._stalled:
             self._stalled = True
@@ -118,14 +113,16 @@ def run_service(config: Config, host: str, port: int) -> int:
     notifier = Notifier.from_environment()
     with service_lock(config.storage.data_dir, "start the service"):
         # Imported under the lock: a refused second start loads no model code.
+        from appliance.services import Services
         from appliance.web.app import create_app
 
-        app = create_app(config)
+        services = Services.build(config)
+        app = create_app(services)
         # log_config=None: uvicorn's records go through the root logger's format.
         server = NotifyingServer(uvicorn.Config(app, host=host, port=port, log_config=None,
                                                 timeout_graceful_shutdown=30), notifier,
-                                 app.state.stopping)
-        supervisor = Supervisor(server, app, config, notifier, f"{host}:{port}")
+                                 services.stopping)
+        supervisor = Supervisor(server, services.engine, config, notifier, f"{host}:{port}")
 
         async def serve() -> None:
             watching = asyncio.create_task(supervisor.run())

@@ -1,87 +1,66 @@
-"""create_app(config) -> the Litestar application."""
+"""create_app(services) -> the Litestar application: the API, the console and the probes.
+
+The services are built once at startup (Services.build) and handed to the handlers through
+Litestar's dependency injection: a handler names the service it needs as a
+parameter (`jobs: Jobs`, see dependencies.py). Middleware and guards, which DI does not
+reach, get theirs when they are made.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import AsyncIterator, Callable
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import AsyncIterator
 
-from litestar import Litestar, Router, get
-from litestar.datastructures import State
+from litestar import Litestar, Router
+from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.prometheus import PrometheusConfig
 
-from appliance.accounts.keys import LastUsedRecorder
-from appliance.core.config import Config
-from appliance.core.database import ConnectionPool
-from appliance.engine.engine import Engine
-from appliance.engine.worker import ImageGenerator
-from appliance.jobs.models import GenerationSettings
+from appliance.core.version import package_version
+from appliance.services import Services
 from appliance.web.api.auth import ApiKeyMiddleware
 from appliance.web.api.errors import EXCEPTION_HANDLERS
 from appliance.web.api.images import ImagesController
 from appliance.web.api.limits import AllowedHostsMiddleware, HostPolicy, KeyRateLimiter
 from appliance.web.api.openai_compat import OpenAIController, openai_errors_on_v1
 from appliance.web.console import ConsolePlugin
-from appliance.web.health import metrics, readyz
-from appliance.web.operations import HTTP_METRICS, operations_lifespan
+from appliance.web.dependencies import dependencies
+from appliance.web.health import healthz, metrics, readyz
+
+# Requests by route template (`/api/playground/images/{job_id:str}`), never by
+# raw path: one series per route, whatever ids clients send.
+HTTP_METRICS = PrometheusConfig(app_name="appliance", prefix="appliance_http", group_path=True)
 
 
-def package_version() -> str:
-    try:
-        return version("ai-media-maker")
-    except PackageNotFoundError:
-        return "0.0.0"
-
-
-@get("/healthz", include_in_schema=False, sync_to_thread=False)
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-def create_app(config: Config,
-               load_generator: Callable[[], ImageGenerator] | None = None) -> Litestar:
-    """The app; `load_generator` replaces the diffusers pipeline (tests inject failures)."""
+def create_app(services: Services) -> Litestar:
+    """The app serving `services` (built with Services.build); its lifespan starts and stops them."""
+    config = services.config
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        database = ConnectionPool(config.storage.database, config.storage.busy_timeout_seconds)
-        engine = Engine(config, database, load_generator)
-        app.state.database = database
-        app.state.engine = engine
-        engine.start()
+        services.start()
         try:
             yield
         finally:
-            engine.stop()
-            database.close()
+            await services.stop()
 
-    api = Router(path="/", route_handlers=[ImagesController, OpenAIController],
-                 middleware=[ApiKeyMiddleware])
-    generation = config.generation
+    api = Router(path="/", route_handlers=[ImagesController, OpenAIController], middleware=[
+        DefineMiddleware(ApiKeyMiddleware, keys=services.keys,
+                         rate_limiter=KeyRateLimiter(config.limits.requests_per_minute_per_key)),
+    ])
     return Litestar(
         route_handlers=[healthz, readyz, metrics, api],
-        # The scheduler and metrics start after the database and engine, and stop before them.
-        lifespan=[lifespan, operations_lifespan()],
+        dependencies=dependencies(services),
+        lifespan=[lifespan],
         # The web console: its routes, sessions, CSRF protection and templates.
-        plugins=[ConsolePlugin(config)],
+        plugins=[ConsolePlugin(services)],
         exception_handlers=openai_errors_on_v1(EXCEPTION_HANDLERS),
-        # The process configures logging once (cli.py); one format in the journal.
+        # The process configures logging once (runtime/logs.py); one format in the journal.
         logging_config=None,
         middleware=[HTTP_METRICS.middleware,
                     AllowedHostsMiddleware(HostPolicy.for_server(config.server))],
         request_max_body_size=config.limits.max_request_bytes,
-        state=State({
-            "config": config,
-            "last_used": LastUsedRecorder(),
-            "rate_limiter": KeyRateLimiter(config.limits.requests_per_minute_per_key),
-            # Set when the server begins to shut down: open event streams then
-            # close, instead of holding the shutdown until its grace time ends.
-            "stopping": threading.Event(),
-            "default_settings": GenerationSettings(generation.width, generation.height,
-                                                   generation.steps, generation.guidance_scale),
-        }),
         openapi_config=OpenAPIConfig(
             title="AI Media Maker",
             version=package_version(),

@@ -1,16 +1,17 @@
-"""/readyz and /metrics: what a load balancer and Prometheus ask the service."""
+"""/healthz, /readyz and /metrics: what a load balancer and Prometheus ask the service."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from litestar import Request, get
+from litestar import get
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from appliance.core.database import ConnectionPool
 from appliance.engine.metrics import exposition
+from appliance.web.dependencies import Database, EngineDependency, Settings
 
 
 @dataclass(frozen=True)
@@ -19,48 +20,37 @@ class Check:
     problem: str | None  # None: fine
 
 
-def database_check(state: Any) -> Check:
+def database_check(database: ConnectionPool) -> Check:
     try:
-        state.database.db().execute("SELECT 1").fetchone()
+        database.db().execute("SELECT 1").fetchone()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return Check("database", f"the database cannot be read: {exc}")
     return Check("database", None)
 
 
-def model_check(state: Any) -> Check:
-    engine = state.engine
+def model_check(engine: EngineDependency) -> Check:
     if engine.load_error is not None:
         return Check("model", f"the model could not be loaded: {engine.load_error}")
-    if not all(worker.ready.is_set() for worker in engine.workers):
+    if engine.loading:
         return Check("model", "the model is still loading")
     return Check("model", None)
 
 
-def worker_problem(engine: Any, stall_limit: float) -> str | None:
-    """Why the engine's workers cannot take work, or None while they come back to the queue."""
-    if not all(worker.is_alive() for worker in engine.workers):
-        return "an engine worker has stopped"
-    stalled = time.monotonic() - engine.heartbeat
-    if stalled > stall_limit:
-        return (f"an engine worker has not come back for {stalled:.0f} s (limit"
-                f" {stall_limit:.0f} s): a batch is hung")
-    return None
-
-
-def worker_check(state: Any) -> Check:
-    engine = state.engine
-    if not all(worker.ready.is_set() for worker in engine.workers):
+def worker_check(engine: EngineDependency, stall_limit: float) -> Check:
+    if engine.loading:
         return Check("worker", "the workers wait for the model")
-    return Check("worker", worker_problem(engine, state.config.health.worker_stall_seconds))
+    return Check("worker", engine.worker_problem(stall_limit))
 
 
-def readiness(state: Any) -> list[Check]:
-    return [database_check(state), model_check(state), worker_check(state)]
+@get("/healthz", include_in_schema=False, sync_to_thread=False)
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
 
 
 @get("/readyz", include_in_schema=False, sync_to_thread=True)
-def readyz(request: Request) -> Response[dict[str, Any]]:
-    checks = readiness(request.app.state)
+def readyz(database: Database, engine: EngineDependency, config: Settings) -> Response[dict[str, Any]]:
+    checks = [database_check(database), model_check(engine),
+              worker_check(engine, config.health.worker_stall_seconds)]
     summary = {check.name: check.problem or "ok" for check in checks}
     problems = [check.problem for check in checks if check.problem]
     if problems:
@@ -70,6 +60,5 @@ def readyz(request: Request) -> Response[dict[str, Any]]:
 
 
 @get("/metrics", include_in_schema=False, sync_to_thread=True)
-def metrics(request: Request) -> Response[bytes]:
-    return Response(exposition(request.app.state.metrics_registry),
-                    media_type=CONTENT_TYPE_LATEST)
+def metrics(engine: EngineDependency) -> Response[bytes]:
+    return Response(exposition(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

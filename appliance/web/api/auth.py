@@ -6,34 +6,24 @@ holds, with the contract's exact texts.
 
 from __future__ import annotations
 
-import logging
-import sqlite3
-
 import anyio.to_thread
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.types import ASGIApp
 
-from appliance.accounts import keys
-
-log = logging.getLogger(__name__)
+from appliance.accounts.keys import token_from_header
+from appliance.accounts.service import KeyService
+from appliance.web.api.limits import KeyRateLimiter
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
+    def __init__(self, app: ASGIApp, keys: KeyService, rate_limiter: KeyRateLimiter):
+        super().__init__(app)
+        self.keys = keys
+        self.rate_limiter = rate_limiter
+
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
-        token = keys.token_from_header(connection.headers.get("authorization"))
-        state = connection.app.state
-        owner = await anyio.to_thread.run_sync(_look_up, state, token)
-        state.rate_limiter.check(owner.key_id)
+        token = token_from_header(connection.headers.get("authorization"))
+        owner = await anyio.to_thread.run_sync(self.keys.authenticate, token)
+        self.rate_limiter.check(owner.key_id)
         return AuthenticationResult(user=owner, auth=owner.key_id)
-
-
-def _look_up(state, token: str) -> keys.KeyOwner:
-    db = state.database.db()
-    owner = keys.find_owner(db, token)
-    try:
-        state.last_used.record(db, owner.key_id)
-    except sqlite3.OperationalError as exc:
-        # Last-used is a convenience: a busy or full database must not turn
-        # away a request that may only read (a job's status, an image).
-        log.warning("could not record when key %d was last used: %s", owner.key_id, exc)
-    return owner

@@ -58,7 +58,7 @@ def http_error(request: Request, exc: HTTPException) -> Response[Any]:
     if message.startswith("JSON is malformed"):
         message = "the request body is not valid JSON" + message[len("JSON is malformed"):]
     if exc.status_code == 413:
-        limit = request.app.state.config.limits.max_request_bytes
+        limit = request.app.request_max_body_size
         message = f"the request body is larger than {limit} bytes (limits.max_request_bytes)"
     return _json_error(message, exc.status_code, exc.headers)
 

@@ -6,18 +6,16 @@ from typing import Any
 
 import anyio.to_thread
 from litestar import Controller, Request, delete, get, post
-from litestar.datastructures import State
-from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import SecurityRequirement
 from litestar.params import FromPath, JSONBody
 from litestar.response import File, Response, ServerSentEvent
 
 from appliance.accounts.keys import KeyOwner
-from appliance.jobs import admission, idempotency, parameters
-from appliance.jobs.models import GenerationSettings, JobView, Submitted
-from appliance.jobs.parameters import check_prompts
-from appliance.jobs.store import cancel, get_job, image_file, submit
+from appliance.jobs import parameters
+from appliance.jobs.models import JobView
+from appliance.jobs.service import JobRequest
 from appliance.web.api import progress
+from appliance.web.api.documentation import BEARER
+from appliance.web.api.documentation import error_responses as documented
 from appliance.web.api.idempotent import IdempotentOperation
 from appliance.web.api.idempotent import from_request as idempotent_request
 from appliance.web.api.schemas import (
@@ -26,57 +24,30 @@ from appliance.web.api.schemas import (
     ErrorBody,
     JobResponse,
 )
-from appliance.web.api.views import job_response
+from appliance.web.api.views import api_image_url, job_response
+from appliance.web.dependencies import Jobs, Settings, Stopping
 
 # How the native API names each generation parameter in its errors.
 CAMEL_NAMES = {"width": "width", "height": "height", "steps": "steps",
                "guidance_scale": "guidanceScale", "negative_prompt": "negativePrompt"}
 
-BEARER: list[SecurityRequirement] = [{"apiKey": []}]
+ERROR_MEANINGS = {
+    400: "The body is not valid; `error` says what is wrong. Nothing is charged.",
+    401: "Missing or invalid Authorization header / Invalid API key format / Invalid API key.",
+    402: "Insufficient credits: the account cannot pay for every image of the request.",
+    404: "No such job for this account (another account's job is answered the same).",
+    413: "The request body is larger than limits.max_request_bytes. Nothing is charged.",
+    422: "The Idempotency-Key was used before with a different request. Nothing is charged.",
+    429: "Too many requests with this key (limits.requests_per_minute_per_key), or too many"
+         " of the account's images still pending; retry after `Retry-After` seconds."
+         " Nothing is charged.",
+    503: "The queue cannot take the whole job now, or the database is busy or its disk"
+         " full; retry after `Retry-After` seconds. Nothing is charged.",
+}
 
 
-def error_responses(*codes: int) -> dict[int, ResponseSpec]:
-    meaning = {
-        400: "The body is not valid; `error` says what is wrong. Nothing is charged.",
-        401: "Missing or invalid Authorization header / Invalid API key format / Invalid API key.",
-        402: "Insufficient credits: the account cannot pay for every image of the request.",
-        404: "No such job for this account (another account's job is answered the same).",
-        413: "The request body is larger than limits.max_request_bytes. Nothing is charged.",
-        422: "The Idempotency-Key was used before with a different request. Nothing is charged.",
-        429: "Too many requests with this key (limits.requests_per_minute_per_key), or too many"
-             " of the account's images still pending; retry after `Retry-After` seconds."
-             " Nothing is charged.",
-        503: "The queue cannot take the whole job now, or the database is busy or its disk"
-             " full; retry after `Retry-After` seconds. Nothing is charged.",
-    }
-    return {code: ResponseSpec(data_container=ErrorBody, description=meaning[code])
-            for code in codes}
-
-
-def submit_job(state: State, account_id: int, key_id: int | None, prompts: list[str],
-               settings: GenerationSettings, seed: int | None,
-               idempotent: idempotency.IdempotentRequest | None = None) -> Submitted:
-    """The one way a job is charged and queued: native API, /v1 API and console.
-
-    `key_id` is the API key that asked; None for the console's playground,
-    where the signed-in account itself asked.
-    """
-    db = state.database.db()
-    return admission.admit(
-        db, state.engine.queue, account_id, len(prompts),
-        state.config.limits.max_pending_images_per_account, idempotent,
-        lambda: submit(db, account_id, key_id, prompts, settings, seed))
-
-
-def cancel_job(state: State, account_id: int, job_id: str) -> int:
-    """Cancels and refunds the job's images not yet started; returns how many.
-
-    They also leave the queue at once, so they neither count in other jobs'
-    queue positions nor hold places in a full queue.
-    """
-    cancelled = cancel(state.database.db(), account_id, job_id)
-    state.engine.queue.discard(account_id, job_id)
-    return cancelled
+def error_responses(*codes: int) -> dict[int, Any]:
+    return documented(ErrorBody, ERROR_MEANINGS, *codes)
 
 
 class ImagesController(Controller):
@@ -96,19 +67,16 @@ class ImagesController(Controller):
         responses=error_responses(400, 401, 402, 413, 422, 429, 503),
         operation_class=IdempotentOperation,
     )
-    def create(self, request: Request[KeyOwner, Any, Any],
-               data: JSONBody[CreateImagesRequest]) -> Response[CreateImagesResponse]:
-        state = request.app.state
-        config = state.config
-        prompts = check_prompts(data.prompts, config.limits)
+    def create(self, request: Request[KeyOwner, Any, Any], data: JSONBody[CreateImagesRequest],
+               jobs: Jobs, config: Settings) -> Response[CreateImagesResponse]:
+        prompts = parameters.check_prompts(data.prompts, config.limits)
         settings = parameters.settings_for(
             config.generation, config.limits, CAMEL_NAMES,
             negative_prompt=data.negative_prompt, width=data.width, height=data.height,
             steps=data.steps, guidance_scale=data.guidance_scale)
         seed = None if data.seed is None else parameters.check_seed("seed", data.seed)
-        idempotent = idempotent_request(request, data)
-        submitted = submit_job(state, request.user.account_id, request.user.key_id, prompts,
-                               settings, seed, idempotent)
+        submitted = jobs.submit(JobRequest(request.user.account_id, request.user.key_id, prompts,
+                                           settings, seed, idempotent_request(request, data)))
         return Response(
             CreateImagesResponse(
                 job_id=submitted.job_id,
@@ -125,9 +93,10 @@ class ImagesController(Controller):
         summary="Get a job's status and its images",
         responses=error_responses(401, 404, 429, 503),
     )
-    def read(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str]) -> JobResponse:
-        job = get_job(request.app.state.database.db(), request.user.account_id, job_id)
-        return job_response(request, job)
+    def read(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
+             jobs: Jobs) -> JobResponse:
+        job = jobs.read(request.user.account_id, job_id)
+        return job_response(job, api_image_url(request))
 
     @delete(
         "/{job_id:str}",
@@ -140,10 +109,10 @@ class ImagesController(Controller):
                     " cancelling a finished job, changes nothing.",
         responses=error_responses(401, 404, 429, 503),
     )
-    def cancel(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str]) -> JobResponse:
-        cancel_job(request.app.state, request.user.account_id, job_id)
-        db = request.app.state.database.db()
-        return job_response(request, get_job(db, request.user.account_id, job_id))
+    def cancel(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
+               jobs: Jobs) -> JobResponse:
+        jobs.cancel(request.user.account_id, job_id)
+        return job_response(jobs.read(request.user.account_id, job_id), api_image_url(request))
 
     @get(
         "/{job_id:str}/events",
@@ -152,17 +121,17 @@ class ImagesController(Controller):
         media_type="text/event-stream",
         responses=error_responses(401, 404, 429, 503),
     )
-    async def events(self, request: Request[KeyOwner, Any, Any],
-                     job_id: FromPath[str]) -> ServerSentEvent:
-        state = request.app.state
+    async def events(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
+                     jobs: Jobs, stopping: Stopping) -> ServerSentEvent:
         account_id = request.user.account_id
 
         def read_job() -> JobView:
-            return get_job(state.database.db(), account_id, job_id)
+            return jobs.read(account_id, job_id)
 
         # Read once before streaming, so an unknown job is a plain 404.
         first = await anyio.to_thread.run_sync(read_job)
-        return ServerSentEvent(progress.job_events(request, first, read_job))
+        return ServerSentEvent(progress.job_events(first, read_job, api_image_url(request),
+                                                   stopping))
 
     @get(
         "/{job_id:str}/images/{index:int}",
@@ -173,9 +142,7 @@ class ImagesController(Controller):
         responses=error_responses(401, 404, 429, 503),
     )
     def image(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
-              index: FromPath[int]) -> File:
-        state = request.app.state
-        path = image_file(state.database.db(), state.config.images_dir,
-                               request.user.account_id, job_id, index)
+              index: FromPath[int], jobs: Jobs) -> File:
+        path = jobs.image_path(request.user.account_id, job_id, index)
         return File(path, media_type="image/png", filename=f"{job_id}-{index}.png",
                     content_disposition_type="inline")

@@ -32,6 +32,10 @@ class KeyRateLimiter:
         self._buckets: dict[int, tuple[float, float]] = {}  # key id -> (tokens, when)
         self._lock = threading.Lock()
 
+    def __deepcopy__(self, memo: dict) -> KeyRateLimiter:
+        # Litestar copies the routes' middleware; every copy must count in one bucket per key.
+        return self
+
     def check(self, key_id: int) -> None:
         if not self.capacity:
             return

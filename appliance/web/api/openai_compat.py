@@ -26,7 +26,9 @@ from appliance.core.config import Config
 from appliance.core.errors import ApplianceError
 from appliance.jobs import parameters
 from appliance.jobs.models import GenerationSettings, ImageStatus, JobView
-from appliance.jobs.store import get_job, image_file
+from appliance.jobs.service import JobRequest
+from appliance.web.api.documentation import BEARER
+from appliance.web.api.documentation import error_responses as documented
 from appliance.web.api.errors import (
     body_problem,
     database_error,
@@ -34,7 +36,6 @@ from appliance.web.api.errors import (
     os_error,
     unexpected_error,
 )
-from appliance.web.api.images import BEARER, cancel_job, submit_job
 from appliance.web.api.schemas import (
     OpenAIError,
     OpenAIErrorBody,
@@ -44,6 +45,7 @@ from appliance.web.api.schemas import (
     OpenAIModel,
     OpenAIModelList,
 )
+from appliance.web.dependencies import Jobs, Settings
 
 PREFIX = "/v1"
 POLL_SECONDS = 0.1
@@ -77,7 +79,7 @@ class NoImageMade(ApplianceError):
     status = 500
 
 
-def model_id(config: Config) -> str:
+def model_id(config: Settings) -> str:
     return config.model.path.name
 
 
@@ -152,18 +154,19 @@ def openai_errors_on_v1(handlers: dict) -> dict:
     return {key: under_v1(native) for key, native in handlers.items()}
 
 
+ERROR_MEANINGS = {
+    400: "A parameter is not valid; `error.param` names it. Nothing is charged.",
+    401: "Missing or invalid Authorization header / Invalid API key format / Invalid API key.",
+    402: "Insufficient credits (code insufficient_quota).",
+    500: "No image could be made; the credits were refunded.",
+    503: "The queue cannot take the images now; retry after `Retry-After` seconds.",
+    504: "The images were not ready within the configured wait (openai.wait_timeout);"
+         " those not started were cancelled and refunded.",
+}
+
+
 def error_responses(*codes: int) -> dict[int, ResponseSpec]:
-    meaning = {
-        400: "A parameter is not valid; `error.param` names it. Nothing is charged.",
-        401: "Missing or invalid Authorization header / Invalid API key format / Invalid API key.",
-        402: "Insufficient credits (code insufficient_quota).",
-        500: "No image could be made; the credits were refunded.",
-        503: "The queue cannot take the images now; retry after `Retry-After` seconds.",
-        504: "The images were not ready within the configured wait (openai.wait_timeout);"
-             " those not started were cancelled and refunded.",
-    }
-    return {code: ResponseSpec(data_container=OpenAIErrorBody, description=meaning[code])
-            for code in codes}
+    return documented(OpenAIErrorBody, ERROR_MEANINGS, *codes)
 
 
 def _check_request(data: OpenAIImageRequest, config: Config
@@ -213,15 +216,15 @@ class OpenAIController(Controller):
         responses=error_responses(400, 401, 402, 500, 503, 504),
     )
     async def generations(self, request: Request[KeyOwner, Any, Any],
-                          data: JSONBody[OpenAIImageRequest]) -> OpenAIImagesResponse:
-        state = request.app.state
-        config: Config = state.config
+                          data: JSONBody[OpenAIImageRequest], jobs: Jobs,
+                          config: Settings) -> OpenAIImagesResponse:
         prompts, settings, seed = _check_request(data, config)
         created = int(time.time())
-        submitted = await anyio.to_thread.run_sync(submit_job, state, request.user.account_id,
-                                                   request.user.key_id, prompts, settings, seed)
-        account_id, job_id = request.user.account_id, submitted.job_id
-        job = await self._wait(state, account_id, job_id, config.openai.wait_timeout)
+        account_id = request.user.account_id
+        submitted = await anyio.to_thread.run_sync(jobs.submit, JobRequest(
+            account_id, request.user.key_id, prompts, settings, seed))
+        job_id = submitted.job_id
+        job = await self._wait(jobs, account_id, job_id, config.openai.wait_timeout)
 
         finished = [image for image in job.images if image.status == ImageStatus.COMPLETED]
         if not finished:
@@ -233,28 +236,20 @@ class OpenAIController(Controller):
                 for image in finished])
 
         def encode() -> list[OpenAIImage]:
-            return [OpenAIImage(b64_json=_b64_png(image_file(
-                        state.database.db(), config.images_dir, account_id, job_id, image.index)))
+            return [OpenAIImage(b64_json=_b64_png(jobs.image_path(account_id, job_id, image.index)))
                     for image in finished]
 
         return OpenAIImagesResponse(created, await anyio.to_thread.run_sync(encode))
 
     @staticmethod
-    async def _wait(state, account_id: int, job_id: str, timeout: float) -> JobView:
-        # Each thread has its own connection, so db() is called in the thread.
-        def read() -> JobView:
-            return get_job(state.database.db(), account_id, job_id)
-
-        def cancel() -> int:
-            return cancel_job(state, account_id, job_id)
-
+    async def _wait(jobs: Jobs, account_id: int, job_id: str, timeout: float) -> JobView:
         deadline = time.monotonic() + timeout
         while True:
-            job = await anyio.to_thread.run_sync(read)
+            job = await anyio.to_thread.run_sync(jobs.read, account_id, job_id)
             if job.status.finished:
                 return job
             if time.monotonic() >= deadline:
-                refunded = await anyio.to_thread.run_sync(cancel)
+                refunded = await anyio.to_thread.run_sync(jobs.cancel, account_id, job_id)
                 raise ImagesTimedOut(
                     f"The images were not ready within {timeout:g} seconds; {refunded} not yet"
                     f" started were cancelled and refunded. Job {job_id} keeps any others"
@@ -267,8 +262,7 @@ class OpenAIController(Controller):
         summary="List the loaded model (OpenAI-compatible)",
         responses=error_responses(401),
     )
-    def models(self, request: Request[KeyOwner, Any, Any]) -> OpenAIModelList:
-        config: Config = request.app.state.config
+    def models(self, request: Request[KeyOwner, Any, Any], config: Settings) -> OpenAIModelList:
         index = config.model.path / "model_index.json"
         created = int(index.stat().st_mtime) if index.exists() else 0
         return OpenAIModelList(data=[OpenAIModel(id=model_id(config), created=created)])

@@ -7,18 +7,18 @@ reader can never hold the worker up.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 
 import anyio
 import anyio.to_thread
 import msgspec
-from litestar import Request
 from litestar.response import ServerSentEventMessage
 
 from appliance.jobs.models import JobView
 from appliance.web.api.schemas import ProgressEvent
-from appliance.web.api.views import image_response, job_response, queue_position
+from appliance.web.api.views import ImageUrl, image_response, job_response
 
 POLL_SECONDS = 0.25
 # A comment line now and then keeps proxies from closing a quiet stream.
@@ -45,14 +45,14 @@ def _event(name: str, payload: msgspec.Struct) -> ServerSentEventMessage:
     return ServerSentEventMessage(event=name, data=msgspec.json.encode(payload).decode())
 
 
-async def job_events(request: Request, first: JobView,
-                     read_job: Callable[[], JobView]) -> AsyncIterator[ServerSentEventMessage]:
-    state = request.app.state
+async def job_events(first: JobView, read_job: Callable[[], JobView], image_url: ImageUrl,
+                     stopping: threading.Event) -> AsyncIterator[ServerSentEventMessage]:
+    """The events of a job read with `read_job` until it ends, or the server begins to stop."""
 
     def progress_of(job: JobView) -> ProgressEvent:
         return ProgressEvent(
             status=job.status,
-            queue_position=queue_position(state, job),
+            queue_position=job.queue_position,
             total_images=job.total_images,
             completed_images=job.completed_images,
             failed_images=job.failed_images,
@@ -71,16 +71,16 @@ async def job_events(request: Request, first: JobView,
             if image.status.finished and image.index not in reported:
                 reported.add(image.index)
                 last_sent = time.monotonic()
-                yield _event("image", image_response(request, job.job_id, image))
+                yield _event("image", image_response(job.job_id, image, image_url))
         current = progress_of(job)
         if current != last_progress:
             last_progress = current
             last_sent = time.monotonic()
             yield _event("progress", current)
         if job.status.finished:
-            yield _event("end", job_response(request, job))
+            yield _event("end", job_response(job, image_url))
             return
-        if state.stopping.is_set():
+        if stopping.is_set():
             return
         if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
             last_sent = time.monotonic()

@@ -1,34 +1,38 @@
-"""Jobs as the API shows them to their owner."""
+"""Jobs as the API (and the console's live pages) show them to their owner."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from litestar import Request
-from litestar.datastructures import State
 
 from appliance.jobs.models import ImageStatus, ImageView, JobView
 from appliance.web.api.schemas import JobImage, JobParameters, JobResponse
 
-
-def queue_position(state: State, job: JobView) -> int | None:
-    # A cancelled image waits in the queue until the worker skips it; only
-    # images still queued make a position.
-    return state.engine.queue.position(job.job_id) if job.queued_images else None
+# (job id, image index) -> where the owner fetches that image's PNG
+ImageUrl = Callable[[str, int], str]
 
 
-def image_response(request: Request, job_id: str, image: ImageView) -> JobImage:
+def api_image_url(request: Request) -> ImageUrl:
+    def url(job_id: str, index: int) -> str:
+        return request.url_for("job_image", job_id=job_id, index=index)
+
+    return url
+
+
+def image_response(job_id: str, image: ImageView, image_url: ImageUrl) -> JobImage:
     return JobImage(
         index=image.index,
         prompt=image.prompt,
         status=image.status,
         seed=image.seed,
-        url=(request.url_for("job_image", job_id=job_id, index=image.index)
-             if image.status == ImageStatus.COMPLETED else None),
+        url=image_url(job_id, image.index) if image.status == ImageStatus.COMPLETED else None,
         error=image.error,
         finished_at=image.finished_at,
     )
 
 
-def job_response(request: Request, job: JobView) -> JobResponse:
+def job_response(job: JobView, image_url: ImageUrl) -> JobResponse:
     settings = job.settings
     return JobResponse(
         job_id=job.job_id,
@@ -42,9 +46,9 @@ def job_response(request: Request, job: JobView) -> JobResponse:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        images=[image_response(request, job.job_id, image) for image in job.images],
+        images=[image_response(job.job_id, image, image_url) for image in job.images],
         cancelled_images=job.cancelled_images,
-        queue_position=queue_position(request.app.state, job),
+        queue_position=job.queue_position,
         parameters=JobParameters(
             negative_prompt=settings.negative_prompt,
             width=settings.width,

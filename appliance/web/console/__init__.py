@@ -16,10 +16,11 @@ from litestar.stores.registry import StoreRegistry
 
 from appliance.core.config import Config
 from appliance.ops.initialise import make_secret_file
+from appliance.services import Services
 from appliance.web.console.admin import AdminPages
 from appliance.web.console.pages import ConsolePages
 from appliance.web.console.rendering import CONSOLE_EXCEPTION_HANDLERS, STATIC, template_config
-from appliance.web.console.security import SecurityHeadersMiddleware, signed_in
+from appliance.web.console.security import SecurityHeadersMiddleware, signed_in_guard
 from appliance.web.console.sessions import STORE_NAME, ConsoleSessionConfig, DatabaseSessionStore
 from appliance.web.console.signin_pages import home, login, login_page, logout
 
@@ -39,19 +40,19 @@ def read_secret(config: Config) -> str:
 
 
 class ConsolePlugin(InitPlugin):
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, services: Services):
+        self.services = services
+        self.config = services.config
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         console = self.config.console
-        state = app_config.state
         sessions = ConsoleSessionConfig(max_age=console.idle_timeout_minutes * 60,
                                         secure=console.secure_cookies)
-        database = DatabaseSessionStore(lambda: state.database.db())
+        session_store = DatabaseSessionStore(self.services.database)
         if isinstance(app_config.stores, StoreRegistry):
-            app_config.stores.register(STORE_NAME, database)
+            app_config.stores.register(STORE_NAME, session_store)
         else:
-            app_config.stores = {**(app_config.stores or {}), STORE_NAME: database}
+            app_config.stores = {**(app_config.stores or {}), STORE_NAME: session_store}
         if app_config.csrf_config is not None:
             raise RuntimeError("the console sets the app's CSRF protection; there is one already")
         app_config.csrf_config = CSRFConfig(
@@ -71,7 +72,7 @@ class ConsolePlugin(InitPlugin):
         app_config.route_handlers.extend([
             Router(path="/", route_handlers=[home, login_page, login, logout], **common),
             Router(path="/console", route_handlers=[ConsolePages, AdminPages],
-                   guards=[signed_in], **common),
+                   guards=[signed_in_guard(self.services.accounts, console)], **common),
             create_static_files_router(path="/console/static", directories=[STATIC],
                                        name="console.static", include_in_schema=False,
                                        opt={"exclude_from_csrf": True},

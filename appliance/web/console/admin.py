@@ -9,13 +9,14 @@ from litestar import Controller, Request, Response, get, post
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
-from appliance.accounts import accounts, audit
 from appliance.accounts.accounts import Account
+from appliance.accounts.audit import Actor, AuditFilter, to_csv, to_json
 from appliance.core.clock import utc_now
 from appliance.core.errors import ApplianceError, BadRequest
 from appliance.web.console.pages import Form, flash, take_flash
 from appliance.web.console.rendering import page
 from appliance.web.console.security import actor, admins_only
+from appliance.web.dependencies import Accounts, Audit
 
 AUDIT_PAGE_ROWS = 200
 
@@ -41,7 +42,7 @@ def whole_number(text: str, what: str) -> int:
         raise BadRequest(f"{what} must be a whole number, not {text!r}") from None
 
 
-def admin_actor(request: Request[Account, Any, Any]) -> audit.Actor:
+def admin_actor(request: Request[Account, Any, Any]) -> Actor:
     return actor(request, by=request.user.email)
 
 
@@ -51,101 +52,100 @@ class AdminPages(Controller):
     include_in_schema = False
 
     @get("/accounts", name="console.admin.accounts", sync_to_thread=True)
-    def account_list(self, request: Request[Account, Any, Any]) -> Template:
-        return self._accounts_page(request, flash=take_flash(request))
+    def account_list(self, request: Request[Account, Any, Any],
+                     accounts: Accounts) -> Template:
+        return self._accounts_page(request, accounts, flash=take_flash(request))
 
     @post("/accounts", sync_to_thread=True)
     def create_account(self, request: Request[Account, Any, Any],
-                       data: Annotated[NewAccountForm, Form]) -> Template | Redirect:
-        db = request.app.state.database.db()
+                       data: Annotated[NewAccountForm, Form],
+                       accounts: Accounts) -> Template | Redirect:
         try:
-            created = accounts.create_account(
-                db, data.email, data.password, admin_actor(request), is_admin=data.admin == "on",
+            created = accounts.create(
+                data.email, data.password, admin_actor(request), is_admin=data.admin == "on",
                 credits=whole_number(data.credits or "0", "Credits"))
         except ApplianceError as exc:
-            return self._accounts_page(request, status_code=exc.status, error=exc.message,
-                                       form=data)
+            return self._accounts_page(request, accounts, status_code=exc.status,
+                                       error=exc.message, form=data)
         flash(request, f"Created {'admin ' if created.is_admin else ''}account {created.email}"
                        f" with {created.credits} credits.")
         return Redirect("/console/admin/accounts", status_code=303)
 
     @post("/accounts/{account_id:int}/disable", sync_to_thread=True)
-    def disable(self, request: Request[Account, Any, Any], account_id: FromPath[int]) -> Redirect:
+    def disable(self, request: Request[Account, Any, Any], account_id: FromPath[int],
+                accounts: Accounts) -> Redirect:
         if account_id == request.user.id:
             raise BadRequest("You cannot disable your own account")
-        account = accounts.set_disabled(request.app.state.database.db(), account_id, True,
-                                        admin_actor(request))
+        account = accounts.set_disabled(account_id, True, admin_actor(request))
         flash(request, f"Disabled {account.email}: its keys and sign-ins stop working.")
         return Redirect("/console/admin/accounts", status_code=303)
 
     @post("/accounts/{account_id:int}/enable", sync_to_thread=True)
-    def enable(self, request: Request[Account, Any, Any], account_id: FromPath[int]) -> Redirect:
-        account = accounts.set_disabled(request.app.state.database.db(), account_id, False,
-                                        admin_actor(request))
+    def enable(self, request: Request[Account, Any, Any], account_id: FromPath[int],
+               accounts: Accounts) -> Redirect:
+        account = accounts.set_disabled(account_id, False, admin_actor(request))
         flash(request, f"Enabled {account.email} again.")
         return Redirect("/console/admin/accounts", status_code=303)
 
     @post("/accounts/{account_id:int}/admin", sync_to_thread=True)
-    def make_admin(self, request: Request[Account, Any, Any], account_id: FromPath[int]) -> Redirect:
-        account = accounts.make_admin(request.app.state.database.db(), account_id,
-                                      admin_actor(request))
+    def make_admin(self, request: Request[Account, Any, Any], account_id: FromPath[int],
+                   accounts: Accounts) -> Redirect:
+        account = accounts.make_admin(account_id, admin_actor(request))
         flash(request, f"{account.email} is now an administrator.")
         return Redirect("/console/admin/accounts", status_code=303)
 
     @post("/accounts/{account_id:int}/credits", sync_to_thread=True)
     def credits(self, request: Request[Account, Any, Any], account_id: FromPath[int],
-                data: Annotated[CreditsForm, Form]) -> Template | Redirect:
-        db = request.app.state.database.db()
+                data: Annotated[CreditsForm, Form], accounts: Accounts) -> Template | Redirect:
         try:
-            account = accounts.get_account(db, account_id)
+            account = accounts.get(account_id)
             amount = whole_number(data.amount, "The amount")
             reason = data.reason.strip()
             if not reason:
                 raise BadRequest("Say why, for the ledger: the reason is required")
-            balance = accounts.grant_credits(db, account.email, amount, admin_actor(request),
+            balance = accounts.grant_credits(account.email, amount, admin_actor(request),
                                              reason=reason)
         except ApplianceError as exc:
-            return self._accounts_page(request, status_code=exc.status, error=exc.message)
+            return self._accounts_page(request, accounts, status_code=exc.status,
+                                       error=exc.message)
         verb = "Granted" if amount > 0 else "Removed"
         flash(request, f"{verb} {abs(amount)} credits {'to' if amount > 0 else 'from'}"
                        f" {account.email}; the balance is now {balance}.")
         return Redirect("/console/admin/accounts", status_code=303)
 
-    def _accounts_page(self, request: Request[Account, Any, Any], status_code: int = 200,
-                       **context: Any) -> Template:
-        db = request.app.state.database.db()
+    @staticmethod
+    def _accounts_page(request: Request[Account, Any, Any], accounts: Accounts,
+                       status_code: int = 200, **context: Any) -> Template:
         return page(request, "admin_accounts.html", status_code=status_code,
-                    accounts=accounts.list_accounts(db), form=context.pop("form", NewAccountForm()),
+                    accounts=accounts.all(), form=context.pop("form", NewAccountForm()),
                     **context)
 
     @get("/audit", name="console.admin.audit", sync_to_thread=True)
-    def audit_log(self, request: Request[Account, Any, Any], account: FromQuery[str] = "",
-                  action: FromQuery[str] = "", since: FromQuery[str] = "",
-                  until: FromQuery[str] = "") -> Template:
-        db = request.app.state.database.db()
-        where = audit.AuditFilter(account=account, action=action, since=since, until=until)
+    def audit_log(self, request: Request[Account, Any, Any], audit: Audit,
+                  account: FromQuery[str] = "", action: FromQuery[str] = "",
+                  since: FromQuery[str] = "", until: FromQuery[str] = "") -> Template:
+        where = AuditFilter(account=account, action=action, since=since, until=until)
         try:
-            entries = audit.query(db, where, limit=AUDIT_PAGE_ROWS + 1)
+            entries = audit.query(where, limit=AUDIT_PAGE_ROWS + 1)
             error = None
         except ApplianceError as exc:
             entries, error = [], exc.message
         return page(request, "admin_audit.html", status_code=400 if error else 200,
                     entries=entries[:AUDIT_PAGE_ROWS], more=len(entries) > AUDIT_PAGE_ROWS,
-                    where=where, actions=audit.actions(db), error=error,
+                    where=where, actions=audit.actions(), error=error,
                     query=request.url.query)
 
     @get("/audit/export", sync_to_thread=True)
-    def audit_export(self, request: Request[Account, Any, Any],
+    def audit_export(self, request: Request[Account, Any, Any], audit: Audit,
                      format: FromQuery[Literal["csv", "json"]] = "csv",
                      account: FromQuery[str] = "", action: FromQuery[str] = "",
                      since: FromQuery[str] = "", until: FromQuery[str] = "") -> Response[str]:
-        db = request.app.state.database.db()
-        where = audit.AuditFilter(account=account, action=action, since=since, until=until)
-        entries = audit.query(db, where)
+        where = AuditFilter(account=account, action=action, since=since, until=until)
+        entries = audit.query(where)
         stamp = utc_now()[:19].replace(":", "").replace("-", "")
         if format == "json":
-            body, media_type = audit.to_json(entries), "application/json"
+            body, media_type = to_json(entries), "application/json"
         else:
-            body, media_type = audit.to_csv(entries), "text/csv; charset=utf-8"
+            body, media_type = to_csv(entries), "text/csv; charset=utf-8"
         return Response(body, media_type=media_type, headers={
             "Content-Disposition": f'attachment; filename="audit-{stamp}.{format}"'})

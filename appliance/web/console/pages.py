@@ -5,20 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, get, post
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath, FromQuery, QueryParameter
 from litestar.response import File, Redirect, Template
 
-from appliance.accounts import accounts, keys
 from appliance.accounts.accounts import Account
 from appliance.core.errors import ApplianceError, BadRequest
-from appliance.jobs.models import ImageStatus
 from appliance.jobs.parameters import check_prompts
-from appliance.jobs.store import count_jobs, get_job, image_file, list_jobs
-from appliance.web.api.images import submit_job
+from appliance.jobs.service import JobRequest
+from appliance.web.api.views import job_response
 from appliance.web.console.rendering import page
 from appliance.web.console.security import actor
+from appliance.web.dependencies import Accounts, Jobs, Keys, Settings
 
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
 JOBS_PER_PAGE = 12
@@ -48,125 +48,115 @@ def take_flash(request: Request) -> str | None:
     return session.pop("flash", None) if isinstance(session, dict) else None
 
 
+def console_image_url(job_id: str, index: int) -> str:
+    return f"/console/jobs/{job_id}/images/{index}"
+
+
 class ConsolePages(Controller):
     path = "/"
     include_in_schema = False
 
     @get("/", name="console.dashboard", sync_to_thread=True)
-    def dashboard(self, request: Request[Account, Any, Any]) -> Template:
-        db = request.app.state.database.db()
+    def dashboard(self, request: Request[Account, Any, Any], accounts: Accounts,
+                  jobs: Jobs) -> Template:
         me = request.user
         return page(request, "dashboard.html",
-                    balance=accounts.get_account(db, me.id).credits,
-                    recent=list_jobs(db, me.id, limit=5),
-                    ledger=accounts.ledger(db, me.id, limit=15),
+                    balance=accounts.get(me.id).credits,
+                    recent=jobs.page(me.id, limit=5),
+                    ledger=accounts.ledger(me.id, limit=15),
                     flash=take_flash(request))
 
     # API keys, in the words of the hosted console.
 
     @get("/api-keys", name="console.keys", sync_to_thread=True)
-    def key_list(self, request: Request[Account, Any, Any]) -> Template:
-        return self._keys_page(request, flash=take_flash(request))
+    def key_list(self, request: Request[Account, Any, Any], keys: Keys) -> Template:
+        return self._keys_page(request, keys, flash=take_flash(request))
 
     @post("/api-keys", sync_to_thread=True)
-    def create_key(self, request: Request[Account, Any, Any],
-                   data: Annotated[KeyForm, Form]) -> Template:
-        db = request.app.state.database.db()
+    def create_key(self, request: Request[Account, Any, Any], data: Annotated[KeyForm, Form],
+                   keys: Keys) -> Template:
         try:
-            info, raw = keys.create_key(db, request.user.id, data.name, actor(request))
+            info, raw = keys.create(request.user.id, data.name, actor(request))
         except ApplianceError as exc:
-            return self._keys_page(request, status_code=exc.status, error=exc.message,
+            return self._keys_page(request, keys, status_code=exc.status, error=exc.message,
                                    name=data.name)
         # The one time the key exists outside the client: shown in this
         # response, never stored, never put in the session.
-        return self._keys_page(request, status_code=201, new_key=raw, new_key_info=info)
+        return self._keys_page(request, keys, status_code=201, new_key=raw, new_key_info=info)
 
     @post("/api-keys/{key_id:int}/delete", sync_to_thread=True)
-    def delete_key(self, request: Request[Account, Any, Any], key_id: FromPath[int]) -> Redirect:
-        db = request.app.state.database.db()
-        key = keys.delete_key_by_id(db, request.user.id, key_id, actor(request))
+    def delete_key(self, request: Request[Account, Any, Any], key_id: FromPath[int],
+                   keys: Keys) -> Redirect:
+        key = keys.delete_by_id(request.user.id, key_id, actor(request))
         flash(request, f"Deleted key “{key.name}” ({key.prefix}…). It is refused from now on.")
         return Redirect("/console/api-keys", status_code=303)
 
-    def _keys_page(self, request: Request[Account, Any, Any], status_code: int = 200,
+    @staticmethod
+    def _keys_page(request: Request[Account, Any, Any], keys: Keys, status_code: int = 200,
                    **context: Any) -> Template:
-        db = request.app.state.database.db()
         return page(request, "keys.html", status_code=status_code,
-                    keys=keys.list_keys(db, request.user.id), **context)
+                    keys=keys.live(request.user.id), **context)
 
     # Playground: the same service, validation and charge as the API.
 
     @get("/playground", name="console.playground", sync_to_thread=True)
-    def playground(self, request: Request[Account, Any, Any]) -> Template:
-        return self._playground_page(request)
+    def playground(self, request: Request[Account, Any, Any], accounts: Accounts,
+                   jobs: Jobs, config: Settings) -> Template:
+        return self._playground_page(request, accounts, jobs, config)
 
     @post("/playground", sync_to_thread=True)
-    def submit(self, request: Request[Account, Any, Any],
-               data: Annotated[PlaygroundForm, Form]) -> Template | Redirect:
-        state = request.app.state
+    def submit(self, request: Request[Account, Any, Any], data: Annotated[PlaygroundForm, Form],
+               accounts: Accounts, jobs: Jobs, config: Settings) -> Template | Redirect:
         try:
-            prompts = check_prompts(prompt_lines(data.prompts), state.config.limits)
+            prompts = check_prompts(prompt_lines(data.prompts), config.limits)
             # A console job has no API key: the account itself asked for it.
-            submitted = submit_job(state, request.user.id, None, prompts,
-                                   state.default_settings, None)
+            submitted = jobs.submit(JobRequest(request.user.id, None, prompts,
+                                               jobs.default_settings))
         except ApplianceError as exc:
             message = exc.message
             if isinstance(exc, BadRequest) and "prompts[" in message:
                 message = message.replace("prompts[", "prompt line [")
-            return self._playground_page(request, status_code=exc.status, error=message,
-                                         prompts=data.prompts)
+            return self._playground_page(request, accounts, jobs, config, status_code=exc.status,
+                                         error=message, prompts=data.prompts)
         return Redirect(f"/console/jobs/{submitted.job_id}", status_code=303)
 
-    def _playground_page(self, request: Request[Account, Any, Any], status_code: int = 200,
+    @staticmethod
+    def _playground_page(request: Request[Account, Any, Any], accounts: Accounts,
+                         jobs: Jobs, config: Settings, status_code: int = 200,
                          **context: Any) -> Template:
-        state = request.app.state
-        db = state.database.db()
         return page(request, "playground.html", status_code=status_code,
-                    balance=accounts.get_account(db, request.user.id).credits,
-                    limits=state.config.limits, settings=state.default_settings, **context)
+                    balance=accounts.get(request.user.id).credits,
+                    limits=config.limits, settings=jobs.default_settings, **context)
 
     # Gallery and job pages: only ever the signed-in account's own jobs.
 
     @get("/jobs", name="console.gallery", sync_to_thread=True)
-    def gallery(self, request: Request[Account, Any, Any],
+    def gallery(self, request: Request[Account, Any, Any], jobs: Jobs,
                 page_number: Annotated[int, QueryParameter(name="page", ge=1)] = 1) -> Template:
-        db = request.app.state.database.db()
-        total = count_jobs(db, request.user.id)
-        listed = list_jobs(db, request.user.id, limit=JOBS_PER_PAGE,
-                                offset=(page_number - 1) * JOBS_PER_PAGE)
+        total = jobs.count(request.user.id)
+        listed = jobs.page(request.user.id, limit=JOBS_PER_PAGE,
+                           offset=(page_number - 1) * JOBS_PER_PAGE)
         return page(request, "gallery.html", jobs=listed, page_number=page_number,
                     pages=max(1, -(-total // JOBS_PER_PAGE)), total=total)
 
     @get("/jobs/{job_id:str}", name="console.job", sync_to_thread=True)
-    def job(self, request: Request[Account, Any, Any], job_id: FromPath[str]) -> Template:
-        job = get_job(request.app.state.database.db(), request.user.id, job_id)
+    def job(self, request: Request[Account, Any, Any], job_id: FromPath[str],
+            jobs: Jobs) -> Template:
+        job = jobs.read(request.user.id, job_id)
         return page(request, "job.html", job=job, finished=job.status.finished)
 
     @get("/jobs/{job_id:str}/progress", sync_to_thread=True)
-    def progress(self, request: Request[Account, Any, Any], job_id: FromPath[str]) -> dict[str, Any]:
-        job = get_job(request.app.state.database.db(), request.user.id, job_id)
-        return {
-            "status": job.status,
-            "finished": job.status.finished,
-            "totalImages": job.total_images,
-            "completedImages": job.completed_images,
-            "failedImages": job.failed_images,
-            "cancelledImages": job.cancelled_images,
-            "pendingImages": job.queued_images + job.running_images,
-            "images": [
-                {"index": image.index, "status": image.status, "error": image.error,
-                 "url": (f"/console/jobs/{job.job_id}/images/{image.index}"
-                         if image.status == ImageStatus.COMPLETED else None)}
-                for image in job.images
-            ],
-        }
+    def progress(self, request: Request[Account, Any, Any], job_id: FromPath[str],
+                 jobs: Jobs) -> dict[str, Any]:
+        """The job as the API answers it, with console image links and whether it has ended."""
+        job = jobs.read(request.user.id, job_id)
+        return {**msgspec.to_builtins(job_response(job, console_image_url)),
+                "finished": job.status.finished}
 
     @get("/jobs/{job_id:str}/images/{index:int}", sync_to_thread=True, media_type="image/png")
     def image(self, request: Request[Account, Any, Any], job_id: FromPath[str],
-              index: FromPath[int], download: FromQuery[bool] = False) -> File:
-        state = request.app.state
-        path = image_file(state.database.db(), state.config.images_dir, request.user.id,
-                               job_id, index)
+              index: FromPath[int], jobs: Jobs, download: FromQuery[bool] = False) -> File:
+        path = jobs.image_path(request.user.id, job_id, index)
         return File(path, media_type="image/png", filename=f"{job_id}-{index}.png",
                     content_disposition_type="attachment" if download else "inline",
                     headers={"Cache-Control": "private, max-age=3600"})

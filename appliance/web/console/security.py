@@ -11,10 +11,12 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Guard, Message, Receive, Scope, Send
 
 from appliance.accounts import audit
-from appliance.accounts.accounts import Account, get_account
+from appliance.accounts.accounts import Account
+from appliance.accounts.service import AccountService
+from appliance.core.config import ConsoleConfig
 from appliance.core.errors import ApplianceError, Forbidden, NotFound
 
 MAX_USER_AGENT = 300
@@ -81,30 +83,32 @@ def start_session(connection: ASGIConnection, account: Account) -> None:
     connection.set_session({"account_id": account.id, "signed_in_at": time.time()})
 
 
-async def signed_in(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Guard: a live session of an enabled account, within the absolute timeout.
+def signed_in_guard(accounts: AccountService, console: ConsoleConfig) -> Guard:
+    """A guard: a live session of an enabled account, within the absolute timeout.
 
     The account is read on every request, so disabling it signs it out at once.
     """
-    session = connection.session if "session" in connection.scope else {}
-    account_id = session.get("account_id") if isinstance(session, dict) else None
-    if not isinstance(account_id, int):
-        raise SignInRequired()
-    console = connection.app.state.config.console
-    started = session.get("signed_in_at")
-    if not isinstance(started, (int, float)) or \
-            time.time() - started > console.absolute_timeout_hours * 3600:
-        connection.clear_session()
-        raise SignInRequired("Your sign-in has expired; sign in again")
-    database = connection.app.state.database
-    try:
-        account = await anyio.to_thread.run_sync(lambda: get_account(database.db(), account_id))
-    except NotFound:
-        account = None
-    if account is None or account.disabled:
-        connection.clear_session()
-        raise SignInRequired()
-    connection.scope["user"] = account
+
+    async def signed_in(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        session = connection.session if "session" in connection.scope else {}
+        account_id = session.get("account_id") if isinstance(session, dict) else None
+        if not isinstance(account_id, int):
+            raise SignInRequired()
+        started = session.get("signed_in_at")
+        if not isinstance(started, (int, float)) or \
+                time.time() - started > console.absolute_timeout_hours * 3600:
+            connection.clear_session()
+            raise SignInRequired("Your sign-in has expired; sign in again")
+        try:
+            account: Account | None = await anyio.to_thread.run_sync(accounts.get, account_id)
+        except NotFound:
+            account = None
+        if account is None or account.disabled:
+            connection.clear_session()
+            raise SignInRequired()
+        connection.scope["user"] = account
+
+    return signed_in
 
 
 async def admins_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:

@@ -7,10 +7,8 @@ Rows past their expires_at are refused here and pruned by the scheduler.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import anyio.to_thread
@@ -24,7 +22,9 @@ from litestar.stores.base import Store
 from litestar.types import Empty, Message, ScopeSession
 from sqlite_utils import Database
 
-from appliance.core.clock import utc_iso
+from appliance.core.clock import parse_utc, utc_clock, utc_iso
+from appliance.core.database import ConnectionPool
+from appliance.core.digests import sha256_hex
 
 STORE_NAME = "console_sessions"
 COOKIE_NAME = "console_session"
@@ -37,10 +37,6 @@ _LOADED_DATA = "appliance.console.session_data"
 _ROTATE = "appliance.console.rotate_session"
 
 
-def digest(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode("utf-8")).hexdigest()
-
-
 def _seconds(value: int | timedelta | None) -> timedelta | None:
     if value is None or isinstance(value, timedelta):
         return value
@@ -50,9 +46,12 @@ def _seconds(value: int | timedelta | None) -> timedelta | None:
 class DatabaseSessionStore(Store):
     """A Litestar store over the console_sessions table."""
 
-    def __init__(self, database: Callable[[], Database]):
+    def __init__(self, database: ConnectionPool):
+        self._pool = database
+
+    def _database(self) -> Database:
         # Called on the worker thread: each thread has its own connection.
-        self._database = database
+        return self._pool.db()
 
     async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None) -> None:
         await anyio.to_thread.run_sync(self._set, key, value, _seconds(expires_in))
@@ -74,23 +73,23 @@ class DatabaseSessionStore(Store):
 
     def _set(self, key: str, value: str | bytes, expires_in: timedelta | None) -> None:
         data = value.encode("utf-8") if isinstance(value, str) else value
-        expires_at = utc_iso(datetime.now(timezone.utc) + expires_in) if expires_in else None
+        expires_at = utc_iso(utc_clock() + expires_in) if expires_in else None
         self._database().execute(
             "INSERT INTO console_sessions (key_hash, value, expires_at) VALUES (?, ?, ?)"
             " ON CONFLICT (key_hash) DO UPDATE SET value = excluded.value,"
             " expires_at = excluded.expires_at",
-            [digest(key), data, expires_at],
+            [sha256_hex(key), data, expires_at],
         )
 
     def _get(self, key: str, renew_for: timedelta | None) -> bytes | None:
         db = self._database()
-        key_hash = digest(key)
+        key_hash = sha256_hex(key)
         row = db.execute("SELECT value, expires_at FROM console_sessions WHERE key_hash = ?",
                          [key_hash]).fetchone()
         if row is None:
             return None
         value, expires_at = row
-        now = datetime.now(timezone.utc)
+        now = utc_clock()
         if expires_at is not None:
             # ISO 8601 UTC text in one format: comparing text is comparing times.
             if expires_at <= utc_iso(now):
@@ -102,14 +101,14 @@ class DatabaseSessionStore(Store):
         return bytes(value)
 
     def _delete(self, key: str) -> None:
-        self._database().execute("DELETE FROM console_sessions WHERE key_hash = ?", [digest(key)])
+        self._database().execute("DELETE FROM console_sessions WHERE key_hash = ?", [sha256_hex(key)])
 
     def _expires_in(self, key: str) -> int | None:
         row = self._database().execute(
-            "SELECT expires_at FROM console_sessions WHERE key_hash = ?", [digest(key)]).fetchone()
+            "SELECT expires_at FROM console_sessions WHERE key_hash = ?", [sha256_hex(key)]).fetchone()
         if row is None or row[0] is None:
             return None
-        left = datetime.fromisoformat(row[0].replace("Z", "+00:00")) - datetime.now(timezone.utc)
+        left = parse_utc(row[0]) - utc_clock()
         return max(0, int(left.total_seconds()))
 
 

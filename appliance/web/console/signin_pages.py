@@ -9,12 +9,12 @@ from litestar import Request, get, post
 from litestar.params import FromQuery
 from litestar.response import Redirect, Template
 
-from appliance.accounts import audit, signin
 from appliance.core.errors import ApplianceError
 from appliance.web.console.pages import Form
 from appliance.web.console.rendering import page, safe_next
 from appliance.web.console.security import actor, start_session
 from appliance.web.console.sessions import rotate_session_id
+from appliance.web.dependencies import SignIn
 
 
 @dataclass
@@ -42,11 +42,10 @@ def login_page(request: Request, next: FromQuery[str] = "") -> Template | Redire
 
 
 @post("/login", include_in_schema=False, sync_to_thread=True)
-def login(request: Request, data: Annotated[SignInForm, Form]) -> Template | Redirect:
-    state = request.app.state
+def login(request: Request, data: Annotated[SignInForm, Form],
+          signin: SignIn) -> Template | Redirect:
     try:
-        account = signin.sign_in(state.database.db(), data.email, data.password, actor(request),
-                                 signin.SignInLimits.from_config(state.config.console))
+        account = signin.sign_in(data.email, data.password, actor(request))
     except ApplianceError as exc:
         response = page(request, "login.html", status_code=exc.status, error=exc.message,
                         next=safe_next(data.next), email=data.email)
@@ -60,10 +59,10 @@ def login(request: Request, data: Annotated[SignInForm, Form]) -> Template | Red
 
 
 @post("/logout", include_in_schema=False, sync_to_thread=True)
-def logout(request: Request) -> Redirect:
+def logout(request: Request, signin: SignIn) -> Redirect:
     account_id = _signed_in_id(request)
     if account_id:
-        audit.record(request.app.state.database.db(), "logout", actor(request), account_id=account_id)
+        signin.sign_out(account_id, actor(request))
     # An empty session makes the session middleware delete the stored row and the cookie.
     request.clear_session()
     return Redirect("/login", status_code=303)

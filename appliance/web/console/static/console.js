@@ -3,7 +3,6 @@
 "use strict";
 
 (function () {
-  var FINISHED = { completed: true, failed: true, cancelled: true };
   var POLL_MS = 1000;
 
   function legacyCopy(field) {
@@ -129,7 +128,7 @@
             return;
           }
           update(widget, job);
-          if (FINISHED[job.status]) {
+          if (job.finished) {
             clearInterval(timer);
             if (widget.hasAttribute("data-reload-when-done")) {
               window.location.reload();

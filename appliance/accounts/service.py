@@ -1,0 +1,119 @@
+"""The account services every front end calls: accounts and credits, API keys, sign-in, audit.
+
+Each method takes plain values, runs on the calling thread's own connection
+and knows nothing of HTTP or the terminal. The SQL lives in the modules beside
+this one, which take a connection and join the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+from appliance.accounts import accounts, audit, keys, signin
+from appliance.accounts.accounts import Account, LedgerEntry
+from appliance.accounts.audit import Actor, AuditEntry, AuditFilter
+from appliance.accounts.keys import KeyInfo, KeyOwner, LastUsedRecorder
+from appliance.accounts.signin import SignInLimits
+from appliance.core.database import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+
+class AccountService:
+    """Accounts and their credit balances; every balance change writes its ledger row."""
+
+    def __init__(self, database: ConnectionPool):
+        self.database = database
+
+    def create(self, email: str, password: str, actor: Actor, *, is_admin: bool = False,
+               credits: int = 0) -> Account:
+        return accounts.create_account(self.database.db(), email, password, actor,
+                                       is_admin=is_admin, credits=credits)
+
+    def get(self, account_id: int) -> Account:
+        return accounts.get_account(self.database.db(), account_id)
+
+    def find(self, email: str) -> Account:
+        return accounts.find_account(self.database.db(), email)
+
+    def all(self) -> list[Account]:
+        return accounts.list_accounts(self.database.db())
+
+    def set_disabled(self, account_id: int, disabled: bool, actor: Actor) -> Account:
+        return accounts.set_disabled(self.database.db(), account_id, disabled, actor)
+
+    def make_admin(self, account_id: int, actor: Actor) -> Account:
+        return accounts.make_admin(self.database.db(), account_id, actor)
+
+    def grant_credits(self, email: str, amount: int, actor: Actor, reason: str = "grant") -> int:
+        """Adds credits (a negative amount removes them); returns the new balance."""
+        return accounts.grant_credits(self.database.db(), email, amount, actor, reason=reason)
+
+    def ledger(self, account_id: int, limit: int = 20) -> list[LedgerEntry]:
+        return accounts.ledger(self.database.db(), account_id, limit)
+
+
+class KeyService:
+    """API keys: made once and shown once, verified by digest on every request."""
+
+    def __init__(self, database: ConnectionPool, last_used: LastUsedRecorder | None = None):
+        self.database = database
+        self.last_used = last_used or LastUsedRecorder()
+
+    def __deepcopy__(self, memo: dict) -> KeyService:
+        # Shared by the copies Litestar makes of the middleware that holds it:
+        # one record of when each key was last written.
+        return self
+
+    def create(self, account_id: int, name: str, actor: Actor) -> tuple[KeyInfo, str]:
+        """The key's listing and the raw key, which is never seen again."""
+        return keys.create_key(self.database.db(), account_id, name, actor)
+
+    def live(self, account_id: int) -> list[KeyInfo]:
+        return keys.list_keys(self.database.db(), account_id)
+
+    def delete(self, account_id: int, prefix: str, actor: Actor, name: str | None = None) -> KeyInfo:
+        return keys.delete_key(self.database.db(), account_id, prefix, actor, name=name)
+
+    def delete_by_id(self, account_id: int, key_id: int, actor: Actor) -> KeyInfo:
+        return keys.delete_key_by_id(self.database.db(), account_id, key_id, actor)
+
+    def authenticate(self, token: str) -> KeyOwner:
+        """The owner of a live key (raises Unauthorized), with its last use recorded."""
+        db = self.database.db()
+        owner = keys.find_owner(db, token)
+        try:
+            self.last_used.record(db, owner.key_id)
+        except sqlite3.OperationalError as exc:
+            # Last-used is a convenience: a busy or full database must not turn
+            # away a request that may only read (a job's status, an image).
+            log.warning("could not record when key %d was last used: %s", owner.key_id, exc)
+        return owner
+
+
+class AuditService:
+    """The audit log as admins read and export it."""
+
+    def __init__(self, database: ConnectionPool):
+        self.database = database
+
+    def query(self, where: AuditFilter, limit: int | None = None) -> list[AuditEntry]:
+        return audit.query(self.database.db(), where, limit)
+
+    def actions(self) -> list[str]:
+        return audit.actions(self.database.db())
+
+
+class SignInService:
+    """Console sign-in with its throttling, and sign-out, each audited."""
+
+    def __init__(self, database: ConnectionPool, limits: SignInLimits):
+        self.database = database
+        self.limits = limits
+
+    def sign_in(self, email: str, password: str, actor: Actor) -> Account:
+        return signin.sign_in(self.database.db(), email, password, actor, self.limits)
+
+    def sign_out(self, account_id: int, actor: Actor) -> None:
+        audit.record(self.database.db(), signin.SIGNED_OUT, actor, account_id=account_id)

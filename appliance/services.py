@@ -1,0 +1,70 @@
+"""The services container: every service the front ends use, built once at startup.
+
+The web app hands these to its handlers through Litestar's dependency
+injection (web/app.py); nothing reaches for them through global state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from appliance.accounts.service import AccountService, AuditService, KeyService, SignInService
+from appliance.accounts.signin import SignInLimits
+from appliance.core.config import Config
+from appliance.core.database import ConnectionPool
+from appliance.engine.engine import Engine
+from appliance.engine.worker import ImageGenerator
+from appliance.jobs.models import GenerationSettings
+from appliance.jobs.service import JobService
+from appliance.ops.housekeeping import Housekeeping
+from appliance.ops.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    database: ConnectionPool
+    accounts: AccountService
+    keys: KeyService
+    audit: AuditService
+    signin: SignInService
+    jobs: JobService
+    engine: Engine
+    scheduler: Scheduler
+    # Set when the server begins to shut down: open event streams then close,
+    # instead of holding the shutdown until its grace time ends.
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def build(cls, config: Config,
+              load_generator: Callable[[], ImageGenerator] | None = None) -> Services:
+        """`load_generator` replaces the diffusers pipeline (tests inject failures)."""
+        database = ConnectionPool(config.storage.database, config.storage.busy_timeout_seconds)
+        engine = Engine(config, database, load_generator)
+        generation = config.generation
+        defaults = GenerationSettings(generation.width, generation.height, generation.steps,
+                                      generation.guidance_scale)
+        return cls(
+            config=config,
+            database=database,
+            accounts=AccountService(database),
+            keys=KeyService(database),
+            audit=AuditService(database),
+            signin=SignInService(database, SignInLimits.from_config(config.console)),
+            jobs=JobService(database, engine.queue, config.limits, config.images_dir, defaults),
+            engine=engine,
+            scheduler=Scheduler(Housekeeping(config, database)),
+        )
+
+    def start(self) -> None:
+        """Starts the engine's workers and the housekeeping; call on the running event loop."""
+        self.engine.start()
+        self.scheduler.start()
+
+    async def stop(self) -> None:
+        # The scheduler's jobs and the engine's last batches end before the database closes.
+        await self.scheduler.stop()
+        self.engine.stop()
+        self.database.close()
