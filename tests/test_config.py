@@ -1,25 +1,41 @@
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from appliance.core.config import SECTIONS, Config, ConfigError, load_config
+from appliance.core.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    apply_assignments,
+    config_from_dict,
+    load_config,
+    parse_assignment,
+    render_config_toml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_shipped_config_documents_every_setting_with_its_default():
-    shipped = tomllib.loads((ROOT / "config.toml").read_text())
-    declared = {name: {f.name: f.default for f in dataclasses.fields(cls)}
-                for name, cls in SECTIONS.items()}
-    assert set(shipped) == set(declared)
-    for section, values in declared.items():
-        assert set(shipped[section]) == set(values), section
-        for key, default in values.items():
-            assert type(default)(shipped[section][key]) == default, f"{section}.{key}"
+def test_shipped_config_is_the_rendered_declarations() -> None:
+    assert (ROOT / "config.toml").read_text() == render_config_toml(), (
+        "config.toml differs from the settings declared in appliance/core/config.py;"
+        " regenerate it with: python -m appliance.core.config > config.toml")
+
+
+def test_rendered_config_sets_every_setting_to_its_default(tmp_path: Path) -> None:
+    rendered = tomllib.loads(render_config_toml())
+    assert {(section, key) for section, values in rendered.items() for key in values} == {
+        (s.section, s.name) for s in SETTINGS}
+    assert config_from_dict(rendered, base_dir=tmp_path) == config_from_dict({}, base_dir=tmp_path)
+
+
+def test_every_setting_has_help_text() -> None:
+    assert SETTINGS
+    missing = [s.key for s in SETTINGS if not s.help.strip()]
+    assert not missing, f"settings without help text (declare them with setting()): {missing}"
 
 
 def test_shipped_config_loads_with_paths_resolved_against_its_folder():
@@ -88,3 +104,68 @@ def test_missing_named_file_is_an_error_but_missing_default_means_defaults(tmp_p
     assert config.storage.database == tmp_path / "data" / "appliance.db"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("engine.batch_size=16", ("engine", "batch_size", 16)),
+        (" limits.max_prompt_length = -1 ", ("limits", "max_prompt_length", -1)),
+        ("generation.guidance_scale=5", ("generation", "guidance_scale", 5.0)),
+        ("engine.batch_window_seconds=.25", ("engine", "batch_window_seconds", 0.25)),
+        ("openai.wait_timeout=1e3", ("openai", "wait_timeout", 1000.0)),
+        ("engine.channels_last=false", ("engine", "channels_last", False)),
+        ("engine.compile=max-autotune", ("engine", "compile", "max-autotune")),
+        ("server.allowed_hosts=a.example, b.example", ("server", "allowed_hosts",
+                                                       "a.example, b.example")),
+        ("engine.tiny_vae=", ("engine", "tiny_vae", "")),
+        ("model.path=/models/sd15", ("model", "path", "/models/sd15")),
+        ("engine.devices=all", ("engine", "devices", "all")),
+        ("engine.devices=cuda:0, cuda:1", ("engine", "devices", ["cuda:0", "cuda:1"])),
+        ("engine.devices=cuda:1", ("engine", "devices", ["cuda:1"])),
+        ("engine.devices=", ("engine", "devices", [])),
+        ("server.host=a=b", ("server", "host", "a=b")),
+    ],
+)
+def test_assignment_is_typed_by_the_setting(text: str, expected: tuple[str, str, object]) -> None:
+    section, key, value = parse_assignment(text)
+    assert (section, key, value) == expected
+    assert type(value) is type(expected[2])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("engine.batch_size", "'engine.batch_size' must be section.key=value"),
+        ("engin.batch_size=4", "unknown section [engin]"),
+        ("batch_size=4", "unknown section [batch_size]"),
+        ("engine.batchsize=4", "unknown key engine.batchsize"),
+        ("engine.batch_size=4.0", "engine.batch_size must be an integer, got '4.0'"),
+        ("engine.batch_size=", "engine.batch_size must be an integer, got ''"),
+        ("engine.batch_size=true", "engine.batch_size must be an integer, got 'true'"),
+        ("engine.batch_size=\u0661", "engine.batch_size must be an integer"),
+        ("openai.wait_timeout=nan", "openai.wait_timeout must be a number, got 'nan'"),
+        ("openai.wait_timeout=10s", "openai.wait_timeout must be a number, got '10s'"),
+        ("engine.channels_last=yes", "engine.channels_last must be true or false, got 'yes'"),
+        ("model.path=", "model.path must be a path"),
+        ("engine.devices=cuda:0,,cuda:1", "engine.devices must be names separated by commas"),
+    ],
+)
+def test_bad_assignment_is_refused_with_one_line(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_assignment(text)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_assignments_apply_to_a_copy_and_are_checked_when_loaded(tmp_path: Path) -> None:
+    raw = {"engine": {"batch_size": 4, "compile": "off"}}
+    applied = apply_assignments(raw, ["engine.batch_size=16", "server.port=9000",
+                                      "engine.devices=cuda:0,cuda:1"])
+    assert raw == {"engine": {"batch_size": 4, "compile": "off"}}
+    assert applied == {"engine": {"batch_size": 16, "compile": "off",
+                                  "devices": ["cuda:0", "cuda:1"]},
+                       "server": {"port": 9000}}
+    config = config_from_dict(applied, base_dir=tmp_path)
+    assert (config.engine.batch_size, config.engine.devices) == (16, ("cuda:0", "cuda:1"))
+    with pytest.raises(ConfigError, match=r"engine\.batch_size must be between 1 and 256, got 0"):
+        config_from_dict(apply_assignments(raw, ["engine.batch_size=0"]), base_dir=tmp_path)

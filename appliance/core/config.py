@@ -1,32 +1,66 @@
 """config.toml -> frozen dataclasses.
 
-Every setting is declared once, here, with its default and a check; the shipped
-config.toml documents the same keys (a test keeps the two in step). Anything
-wrong stops startup with one line naming the key.
+Every setting is declared once, here, as a dataclass field made by `setting()`:
+its default, its check and its help text. The shipped config.toml is generated
+from these declarations (`render_config_toml`); after changing one, regenerate it
+with
+
+    python -m appliance.core.config > config.toml
+
+(a test fails while the two differ). Anything wrong in a config file stops
+startup with one line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import sys
+import textwrap
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from appliance.core.devices import ALL, check_device, check_device_list
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
+
+Check = Callable[[Any], str | None]
 
 
 class ConfigError(Exception):
     """A config problem, worded as one line for the operator."""
 
 
-def _setting(default: Any, check: Callable[[Any], str | None] | None = None) -> Any:
-    return field(default=default, metadata={"check": check})
+def setting(default: Any, help: str, check: Check | None = None, *, heading: str = "") -> Any:
+    """A section's field. The default's type is the type a value must have (a
+    tuple: a list of names); `check` returns the problem with a value, worded to
+    follow the key, or None; `help` documents it in config.toml, where `heading`,
+    if given, introduces it and the settings after it."""
+    return field(default=default, metadata={"help": help, "check": check, "heading": heading})
 
 
-def _between(low: float, high: float) -> Callable[[Any], str | None]:
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting, as config.toml documents it and loading checks it."""
+
+    section: str
+    name: str
+    default: Any
+    help: str
+    check: Check | None
+    heading: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+def _between(low: float, high: float) -> Check:
     def check(value: Any) -> str | None:
         if not low <= value <= high:
             return f"must be between {low} and {high}, got {value}"
@@ -35,32 +69,13 @@ def _between(low: float, high: float) -> Callable[[Any], str | None]:
     return check
 
 
-def _one_of(*allowed: str) -> Callable[[Any], str | None]:
+def _one_of(*allowed: str) -> Check:
     def check(value: Any) -> str | None:
         if value not in allowed:
             return f"must be one of {', '.join(allowed)}, got {value!r}"
         return None
 
     return check
-
-
-def _device(value: str) -> str | None:
-    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-        return None
-    return f"must be auto, cpu, cuda or cuda:N, got {value!r}"
-
-
-def _devices(value: tuple[str, ...] | str) -> str | None:
-    if value == "all":
-        return None
-    if isinstance(value, str):
-        return f"must be \"all\" or a list of CUDA devices, got {value!r}"
-    for device in value:
-        if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
-            return f"must list CUDA devices (cuda:N), got {device!r}"
-    if len({d if d != "cuda" else "cuda:0" for d in value}) != len(value):
-        return f"names a device twice: {list(value)}"
-    return None
 
 
 def _image_side(value: int) -> str | None:
@@ -80,43 +95,84 @@ def _host_names(value: str) -> str | None:
     return None
 
 
+_HEADER = (
+    "AI Media Maker configuration.\n\n"
+    "Every setting is shown with its default. Relative paths are resolved against the"
+    " folder of this file. The service finds this file from --config, else"
+    " $APPLIANCE_CONFIG, else ./config.toml; without one it runs on these defaults."
+)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = _setting("127.0.0.1", _not_empty)
-    port: int = _setting(8000, _between(1, 65535))
-    # Extra names the Host header may carry (see config.toml); against DNS rebinding.
-    allowed_hosts: str = _setting("", _host_names)
+    host: str = setting(
+        "127.0.0.1",
+        "Address to listen on. 127.0.0.1 serves this machine only; 0.0.0.0 serves the LAN.",
+        _not_empty)
+    port: int = setting(8000, "TCP port of the API.", _between(1, 65535))
+    allowed_hosts: str = setting(
+        "",
+        "Host names, besides the built-in ones, that requests may name in their Host header,"
+        " separated by commas; \"*.example.com\" allows a domain's sub-names and \"*\" allows"
+        " any name. Built in: localhost, any IP address, the host above and this machine's"
+        " own name. Any other name is refused with 400, so that a web page whose domain an"
+        " attacker points at this machine (DNS rebinding) cannot reach the API or the console"
+        " from a LAN browser. Add the names clients use, e.g. \"images.example.com,"
+        " gpu1.example.com\".",
+        _host_names)
 
 
 @dataclass(frozen=True)
 class StorageConfig:
-    data_dir: Path = _setting(Path("data"))
-    database: Path = _setting(Path("data/appliance.db"))
-    # How long a write waits for another writer before it gives up (503).
-    busy_timeout_seconds: float = _setting(10.0, _between(0.0, 600.0))
+    data_dir: Path = setting(Path("data"), "Folder for generated images and the service's secret.")
+    database: Path = setting(Path("data/appliance.db"), "The SQLite database file.")
+    busy_timeout_seconds: float = setting(
+        10.0,
+        "Seconds a write waits for another writer (a backup, a CLI command) to finish (0 to"
+        " 600). Past it, an API request is answered 503 with Retry-After and nothing of it is"
+        " kept: no charge, no half-made job.",
+        _between(0.0, 600.0))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: Path = _setting(Path("models/demo"))
-    device: str = _setting("auto", _device)
-    dtype: str = _setting("auto", _one_of("auto", "float32", "float16", "bfloat16"))
+    path: Path = setting(
+        Path("models/demo"),
+        "Folder of a diffusers text-to-image pipeline (model_index.json inside). When the"
+        " folder does not exist, the service creates the built-in tiny demo model there; its"
+        " images are noise. Install a real one with `appliance models pull REPO_ID DIR`.")
+    device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+                          check_device)
+    dtype: str = setting(
+        "auto", "auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.",
+        _one_of("auto", "float32", "float16", "bfloat16"))
+
+
+# Width and height share one comment in config.toml, as do each minimum and
+# maximum below: a help text equal to the previous setting's is not repeated.
+_SIZE_HELP = "Image width and height in pixels: multiples of 8 from 64 to 2048."
+_SIZE_BOUNDS_HELP = "Smallest and largest width or height: multiples of 8 from 64 to 2048."
+_STEPS_BOUNDS_HELP = "Fewest and most denoising steps (1 to 200)."
+_GUIDANCE_BOUNDS_HELP = "Lowest and highest guidance scale (0 to 30)."
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    # What a request that does not say gets.
-    width: int = _setting(512, _image_side)
-    height: int = _setting(512, _image_side)
-    steps: int = _setting(25, _between(1, 200))
-    guidance_scale: float = _setting(7.5, _between(0.0, 30.0))
-    # What a request may ask for.
-    min_size: int = _setting(64, _image_side)
-    max_size: int = _setting(1024, _image_side)
-    min_steps: int = _setting(1, _between(1, 200))
-    max_steps: int = _setting(100, _between(1, 200))
-    min_guidance_scale: float = _setting(0.0, _between(0.0, 30.0))
-    max_guidance_scale: float = _setting(20.0, _between(0.0, 30.0))
+    width: int = setting(512, _SIZE_HELP, _image_side)
+    height: int = setting(512, _SIZE_HELP, _image_side)
+    steps: int = setting(25, "Denoising steps per image (1 to 200).", _between(1, 200))
+    guidance_scale: float = setting(
+        7.5, "Classifier-free guidance scale (0 to 30; 1 or less turns guidance off).",
+        _between(0.0, 30.0))
+    min_size: int = setting(
+        64, _SIZE_BOUNDS_HELP, _image_side,
+        heading="The settings above are the defaults; a request may ask for others within"
+                " these bounds (a value outside them is refused with 400, never charged).")
+    max_size: int = setting(1024, _SIZE_BOUNDS_HELP, _image_side)
+    min_steps: int = setting(1, _STEPS_BOUNDS_HELP, _between(1, 200))
+    max_steps: int = setting(100, _STEPS_BOUNDS_HELP, _between(1, 200))
+    min_guidance_scale: float = setting(0.0, _GUIDANCE_BOUNDS_HELP, _between(0.0, 30.0))
+    max_guidance_scale: float = setting(20.0, _GUIDANCE_BOUNDS_HELP, _between(0.0, 30.0))
 
     def __post_init__(self) -> None:
         # The defaults must be requests the bounds allow.
@@ -132,78 +188,164 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_prompts_per_request: int = _setting(100, _between(1, 10_000))
-    max_prompt_length: int = _setting(1000, _between(1, 100_000))
-    max_request_bytes: int = _setting(1_048_576, _between(1024, 1_073_741_824))
-    max_pending_images_per_account: int = _setting(500, _between(1, 10_000_000))
-    # 0 turns the per-key rate limit off.
-    requests_per_minute_per_key: int = _setting(600, _between(0, 1_000_000))
+    max_prompts_per_request: int = setting(100, "Most prompts one request may carry.",
+                                           _between(1, 10_000))
+    max_prompt_length: int = setting(1000, "Longest prompt, in characters.",
+                                     _between(1, 100_000))
+    max_request_bytes: int = setting(
+        1_048_576,
+        "Largest request body in bytes (1024 to 1073741824); a larger one gets 413.",
+        _between(1024, 1_073_741_824))
+    max_pending_images_per_account: int = setting(
+        500,
+        "Most images one account may have waiting or generating at once; a request that"
+        " would go past it gets 429 with Retry-After and is not charged.",
+        _between(1, 10_000_000))
+    requests_per_minute_per_key: int = setting(
+        600,
+        "Requests one API key may make per minute, in bursts of up to as many; past it"
+        " requests get 429 with Retry-After. 0 turns the limit off.",
+        _between(0, 1_000_000))
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    queue_capacity: int = _setting(1000, _between(1, 10_000_000))
-    batch_size: int = _setting(8, _between(1, 256))
-    # How long a batch may wait for more images of the same settings to arrive.
-    batch_window_seconds: float = _setting(0.05, _between(0.0, 10.0))
-    # () runs one worker on model.device; "all" or a list of cuda:N, one worker each.
-    devices: tuple[str, ...] | str = _setting((), _devices)
-    channels_last: bool = _setting(True)
-    compile: str = _setting("off", _one_of("off", "default", "reduce-overhead", "max-autotune",
-                                           "max-autotune-no-cudagraphs"))
-    # Most images the VAE decodes at once on a GPU; 0 decodes a whole batch together.
-    # The CPU decodes one at a time (see diffusers_generator.vae_chunk).
-    vae_decode_chunk: int = _setting(8, _between(0, 256))
-    # A folder with a diffusers AutoencoderTiny; empty uses the model's own VAE.
-    tiny_vae: str = _setting("")
-    png_compress_level: int = _setting(1, _between(0, 9))
-    # Threads that encode and write PNGs; 0 picks half the CPU cores (1 to 8).
-    png_threads: int = _setting(0, _between(0, 64))
+    queue_capacity: int = setting(
+        1000, "Most images waiting in the queue; a request that would overflow it gets 503.",
+        _between(1, 10_000_000))
+    batch_size: int = setting(
+        8,
+        "Most images generated together in one pipeline call (1 to 256). Images of any jobs"
+        " and accounts share a call when their settings (size, steps, guidance, negative"
+        " prompt) are equal; accounts take turns, image by image, so one account's big job"
+        " never holds back another's. Larger batches use a GPU better but need more GPU"
+        " memory; lower it if batches run out of memory.",
+        _between(1, 256))
+    batch_window_seconds: float = setting(
+        0.05,
+        "Seconds a batch may wait for more images of the same settings to arrive (0 to 10),"
+        " counted from when its oldest image was queued; a full batch starts at once.",
+        _between(0.0, 10.0))
+    devices: tuple[str, ...] | str = setting(
+        (),
+        "GPUs to run on, one worker (with its own copy of the model) each, all fed from one"
+        " queue: a list such as [\"cuda:0\", \"cuda:1\"], or \"all\" for every CUDA GPU"
+        " present. The empty list runs one worker on model.device. When this is set,"
+        " model.device is not used; \"all\" on a machine without CUDA runs one CPU worker.",
+        check_device_list)
+    channels_last: bool = setting(
+        True,
+        "Keep the UNet and VAE in channels-last memory layout, which the fastest"
+        " convolutions of cuDNN (GPU) and oneDNN (CPU) read. On the CPU only the UNet is"
+        " converted: the VAE decoder was slower that way there.")
+    compile: str = setting(
+        "off",
+        "Compile the UNet and the VAE decoder with torch.compile: off, default,"
+        " reduce-overhead, max-autotune or max-autotune-no-cudagraphs (see PyTorch's"
+        " torch.compile). Compiling can take minutes at startup and happens before the"
+        " service reports ready: it is warmed up at the default size for each batch size in"
+        " use (powers of two up to batch_size, and batch_size); batches are padded up to the"
+        " next of these sizes so that no request waits for a compile. Other image sizes are"
+        " compiled when first asked for.",
+        _one_of("off", "default", "reduce-overhead", "max-autotune",
+                "max-autotune-no-cudagraphs"))
+    vae_decode_chunk: int = setting(
+        8,
+        "Most images the VAE decodes at once on a GPU (0 to 256; 0 decodes a whole batch"
+        " together). Decoding takes much memory at large sizes: lower it if big batches run"
+        " out of GPU memory. The CPU always decodes one image at a time, which keeps its work"
+        " in the CPU's caches and was fastest there.",
+        _between(0, 256))
+    tiny_vae: str = setting(
+        "",
+        "A folder holding a diffusers AutoencoderTiny (for example a copy of"
+        " madebyollin/taesd for SD 1.5) to decode images with instead of the model's own"
+        " VAE: much faster, slightly less detailed. Relative to this file; empty uses the"
+        " model's own VAE. It is never downloaded.")
+    png_compress_level: int = setting(
+        1,
+        "PNG compression level, 0 (none) to 9 (smallest files). PNGs are lossless at every"
+        " level; 1 encodes a 512x512 photo about 2.5 times faster than 6 for files about 10%"
+        " larger.",
+        _between(0, 9))
+    png_threads: int = setting(
+        0,
+        "Threads that encode and write the PNGs beside the GPU (0 to 64); 0 uses half the"
+        " CPU cores, from 1 to 8.",
+        _between(0, 64))
 
 
 @dataclass(frozen=True)
 class OpenAIConfig:
-    # Seconds POST /v1/images/generations waits for its images before it gives
-    # up, cancels those not yet started and refunds them.
-    wait_timeout: float = _setting(300.0, _between(1.0, 86_400.0))
+    wait_timeout: float = setting(
+        300.0,
+        "Seconds POST /v1/images/generations waits for its images (1 to 86400). When they"
+        " are not ready by then it answers 504, cancels the images not yet started and"
+        " refunds them; images already made stay in the job.",
+        _between(1.0, 86_400.0))
 
 
 @dataclass(frozen=True)
 class ConsoleConfig:
-    # A console session ends after this long without a request...
-    idle_timeout_minutes: int = _setting(60, _between(1, 10_080))
-    # ...and this long after its sign-in, however busy.
-    absolute_timeout_hours: int = _setting(12, _between(1, 720))
-    # Failed sign-ins counted over this window; past either limit, sign-in is refused.
-    signin_window_minutes: int = _setting(15, _between(1, 1440))
-    max_failed_signins_per_account: int = _setting(5, _between(1, 1000))
-    max_failed_signins_per_address: int = _setting(20, _between(1, 100_000))
-    # Secure cookies even on plain HTTP requests: for a TLS proxy that does not
-    # say X-Forwarded-Proto (HTTPS requests get Secure cookies anyway).
-    secure_cookies: bool = _setting(False)
+    idle_timeout_minutes: int = setting(
+        60, "Minutes without a request after which a console sign-in ends (1 to 10080).",
+        _between(1, 10_080))
+    absolute_timeout_hours: int = setting(
+        12, "Hours after which a console sign-in ends however active it is (1 to 720).",
+        _between(1, 720))
+    signin_window_minutes: int = setting(
+        15,
+        "Failed sign-ins are counted over this many minutes (1 to 1440); past either limit"
+        " below, signing in is refused until the oldest failure leaves the window.",
+        _between(1, 1440))
+    max_failed_signins_per_account: int = setting(
+        5, "Failed sign-ins allowed per account (a successful sign-in resets its count).",
+        _between(1, 1000))
+    max_failed_signins_per_address: int = setting(
+        20, "Failed sign-ins allowed per client address, whatever the accounts.",
+        _between(1, 100_000))
+    secure_cookies: bool = setting(
+        False,
+        "Mark the console's cookies Secure even on plain HTTP requests. Requests that arrive"
+        " over HTTPS (or through a proxy on this machine that says X-Forwarded-Proto: https)"
+        " get Secure cookies anyway; set this when a TLS proxy elsewhere does not say so.")
 
 
 @dataclass(frozen=True)
 class HousekeepingConfig:
-    # Audit rows older than this many days are deleted (the contract keeps 90).
-    audit_retention_days: int = _setting(90, _between(1, 36_500))
-    # Finished jobs, their image rows and PNG files older than this many days
-    # are deleted; 0 keeps them forever.
-    image_retention_days: int = _setting(0, _between(0, 36_500))
+    audit_retention_days: int = setting(
+        90, "Audit rows older than this many days are deleted (1 to 36500).",
+        _between(1, 36_500),
+        heading="The scheduler runs these clean-ups at startup and then daily.")
+    image_retention_days: int = setting(
+        0,
+        "Finished jobs older than this many days are deleted with their images (rows and PNG"
+        " files); the credit ledger keeps its rows. 0 keeps them forever.",
+        _between(0, 36_500))
 
 
 @dataclass(frozen=True)
 class HealthConfig:
-    # The engine worker counts as hung when it has not come back for this long;
-    # it must exceed the longest batch. /readyz then fails and, under systemd,
-    # the watchdog stops being fed so the service is restarted.
-    worker_stall_seconds: int = _setting(600, _between(1, 86_400))
+    worker_stall_seconds: int = setting(
+        600,
+        "Seconds the engine worker may spend on one batch before it counts as hung (1 to"
+        " 86400); keep it above the longest batch your GPU takes plus"
+        " engine.batch_window_seconds (a value not above that window is refused). A hung"
+        " worker fails /readyz and, under systemd, stops feeding the watchdog, so systemd"
+        " restarts the service.",
+        _between(1, 86_400))
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    format: str = _setting("logfmt", _one_of("logfmt", "json"))
-    level: str = _setting("info", _one_of("debug", "info", "warning", "error"))
+    format: str = setting(
+        "logfmt",
+        "logfmt (key=value pairs, one record a line: easy to read in the journal) or json"
+        " (one JSON object a line, for log collectors). API keys, passwords and session ids"
+        " are never written.",
+        _one_of("logfmt", "json"))
+    level: str = setting("info", "debug, info, warning or error.",
+                         _one_of("debug", "info", "warning", "error"))
 
 
 @dataclass(frozen=True)
@@ -214,8 +356,8 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     housekeeping: HousekeepingConfig = field(default_factory=HousekeepingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -232,14 +374,25 @@ class Config:
         return self.storage.data_dir / "secret_key"
 
 
+# In config.toml's order.
 SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
     if f.name != "source"
 }
 
+# A field declared without setting() has no help, which a test reports.
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(section, f.name, f.default, f.metadata.get("help", ""), f.metadata.get("check"),
+            f.metadata.get("heading", ""))
+    for section, cls in SECTIONS.items()
+    for f in dataclasses.fields(cls)
+)
 
-def find_config_file(explicit: str | os.PathLike | None) -> tuple[Path | None, bool]:
+_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
     """Returns (path, must_exist): --config, else $APPLIANCE_CONFIG, else ./config.toml."""
     if explicit:
         return Path(explicit), True
@@ -248,7 +401,7 @@ def find_config_file(explicit: str | os.PathLike | None) -> tuple[Path | None, b
     return Path("config.toml"), False
 
 
-def load_config(explicit: str | os.PathLike | None = None) -> Config:
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     path, must_exist = find_config_file(explicit)
     if not path.exists():
         if must_exist:
@@ -294,20 +447,18 @@ def _check_across_sections(config: Config) -> None:
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any], base_dir: Path) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    declared = {s.name: s for s in SETTINGS if s.section == section}
+    unknown = sorted(set(values) - set(declared))
     if unknown:
         raise ConfigError(f"unknown key {section}.{unknown[0]}")
     kwargs = {}
-    for name, f in fields.items():
-        key = f"{section}.{name}"
-        value = _coerce(key, values[name], f.default) if name in values else f.default
+    for name, s in declared.items():
+        value = _coerce(s.key, values[name], s.default) if name in values else s.default
         if isinstance(value, Path) and not value.is_absolute():
             value = base_dir / value
-        check = f.metadata.get("check")
-        problem = check(value) if check else None
+        problem = s.check(value) if s.check else None
         if problem:
-            raise ConfigError(f"{key} {problem}")
+            raise ConfigError(f"{s.key} {problem}")
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -342,3 +493,117 @@ def _describe(value: Any) -> str:
     kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
              list: "an array", dict: "a table"}
     return f"{kinds.get(type(value), type(value).__name__)} ({value!r})"
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def parse_assignment(text: str) -> tuple[str, str, Any]:
+    """One "section.key=value", typed by the setting: "engine.batch_size=16" gives
+    ("engine", "batch_size", 16).
+
+    The value comes back as a TOML file would give it (a path as a string, a
+    list as a list, or "all" as a word), for config_from_dict to check against
+    the setting's bounds. A list is written as names separated by commas.
+    """
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise ConfigError(f"{text!r} must be section.key=value")
+    section, _, name = key.strip().partition(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section [{section}] in {text!r}")
+    declared = _BY_KEY.get(f"{section}.{name}")
+    if declared is None:
+        raise ConfigError(f"unknown key {section}.{name} in {text!r}")
+    return section, name, _parse_value(declared, value.strip())
+
+
+def _parse_value(declared: Setting, text: str) -> Any:
+    default = declared.default
+    if isinstance(default, bool):
+        if text not in ("true", "false"):
+            raise ConfigError(f"{declared.key} must be true or false, got {text!r}")
+        return text == "true"
+    if isinstance(default, int):
+        if not _INTEGER.fullmatch(text):
+            raise ConfigError(f"{declared.key} must be an integer, got {text!r}")
+        return int(text)
+    if isinstance(default, float):
+        if not _NUMBER.fullmatch(text):
+            raise ConfigError(f"{declared.key} must be a number, got {text!r}")
+        return float(text)
+    if isinstance(default, Path):
+        if not text:
+            raise ConfigError(f"{declared.key} must be a path, got nothing")
+        return text
+    if isinstance(default, tuple):
+        if text == ALL:
+            return text
+        names = [part.strip() for part in text.split(",")] if text else []
+        if "" in names:
+            raise ConfigError(f"{declared.key} must be names separated by commas, got {text!r}")
+        return names
+    return text
+
+
+def apply_assignments(raw: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    """A copy of `raw` (a config file's tables) with each "section.key=value" applied."""
+    result = {name: dict(values) if isinstance(values, dict) else values
+              for name, values in raw.items()}
+    for text in texts:
+        section, name, value = parse_assignment(text)
+        values = result.setdefault(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section} must be a table ([{section}])")
+        values[name] = value
+    return result
+
+
+def render_config_toml() -> str:
+    """config.toml as shipped: every setting at its default, under its help text."""
+    lines = _comment(_HEADER)
+    section = ""
+    previous_help = ""
+    for s in SETTINGS:
+        if s.section != section:
+            lines += ["", f"[{s.section}]"]
+            section, previous_help = s.section, ""
+        if s.heading:
+            lines += _comment(s.heading)
+        if s.heading or s.help != previous_help:
+            lines += _comment(s.help)
+        previous_help = s.help
+        lines.append(f"{s.name} = {_toml_value(s.default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _comment(text: str) -> list[str]:
+    lines: list[str] = []
+    for paragraph in text.split("\n\n"):
+        if lines:
+            lines.append("#")
+        # A command in backticks stays on one line, to be copied whole: its spaces
+        # become NULs, which textwrap does not break at, until it is wrapped.
+        unbroken = re.sub(r"`[^`]*`", lambda code: code[0].replace(" ", "\0"), paragraph)
+        wrapped = textwrap.wrap(unbroken, width=80, initial_indent="# ", subsequent_indent="# ",
+                                break_long_words=False, break_on_hyphens=False)
+        lines += [line.replace("\0", " ") for line in wrapped]
+    return lines
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, Path):
+        return json.dumps(value.as_posix())
+    if isinstance(value, str):
+        # A JSON string of ASCII is a TOML basic string.
+        return json.dumps(value)
+    return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_config_toml())
