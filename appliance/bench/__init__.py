@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from appliance.bench import serving
 from appliance.core.config import SECTIONS, Config
+from appliance.core.devices import ALL, resolve_devices
 from appliance.engine.diffusers_generator import ensure_model, setting_path
+from appliance.engine.gpu import cuda_devices
 
 # Multiply-adds counted twice: one SD 1.5 UNet forward on one 64x64 latent
 # (a 512x512 image), and one VAE decode of a 512x512 image.
@@ -97,10 +97,8 @@ def tflop_per_image(options: BenchOptions) -> float | None:
 
 def resolved_devices(options: BenchOptions) -> list[str]:
     """The appliance's devices, a worker each, as engine.worker_devices finds them."""
-    if options.devices == "all":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        return [f"cuda:{index}" for index in range(count)] or ["cpu"]
-    return list(options.devices) or [options.device]
+    count = len(cuda_devices()) if options.devices == ALL else 0
+    return resolve_devices(options.devices, options.device, count)
 
 
 def run_baseline(options: BenchOptions, work: Path) -> dict[str, Any]:

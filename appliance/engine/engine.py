@@ -13,6 +13,7 @@ from functools import partial
 
 from appliance.core.config import Config
 from appliance.core.database import ConnectionPool
+from appliance.core.devices import ALL, resolve_devices
 from appliance.engine import gpu
 from appliance.engine.metrics import EngineMetrics, EngineStatus
 from appliance.engine.queue import ImageQueue
@@ -31,13 +32,10 @@ STOP_TIMEOUT_SECONDS = 30.0
 def worker_devices(config: Config) -> list[str]:
     """One entry per worker: engine.devices, or model.device when that is empty."""
     devices = config.engine.devices
-    if devices == "all":
-        found = gpu.cuda_devices()
-        if found:
-            return found
+    count = len(gpu.cuda_devices()) if devices == ALL else 0
+    if devices == ALL and not count:
         log.warning("engine.devices is \"all\" but there is no CUDA GPU: one worker on the CPU")
-        return ["cpu"]
-    return list(devices) or [config.model.device]
+    return resolve_devices(devices, config.model.device, count)
 
 
 class Engine:

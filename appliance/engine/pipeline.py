@@ -20,6 +20,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from packaging.version import Version
 from PIL import Image
 
+from appliance.core.devices import cuda_index
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {
@@ -45,18 +47,18 @@ def pick_device(requested: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return device
-    if re.fullmatch(r"cuda(:\d+)?", device):
-        _check_cuda(device)
+    index = cuda_index(device)
+    if index is not None:
+        _check_cuda(device, index)
         return device
     raise ValueError(f"Unknown device {requested!r}; use auto, cpu, cuda or cuda:N.")
 
 
-def _check_cuda(device: str) -> None:
+def _check_cuda(device: str, index: int) -> None:
     if not torch.cuda.is_available():
         raise ValueError(
             f"Device {device!r} was requested but this machine has no usable CUDA GPU."
         )
-    index = int(device.partition(":")[2] or 0)
     count = torch.cuda.device_count()
     if index >= count:
         raise ValueError(

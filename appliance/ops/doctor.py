@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from appliance.core.config import Config
+from appliance.core.devices import cuda_index
 from appliance.ops.lock import holder
 
 OK, NOTE, WARNING, PROBLEM = "ok", "note", "warning", "problem"
@@ -63,7 +64,8 @@ def _nvidia_smi() -> tuple[str | None, str | None]:
 def check_gpu(config: Config) -> Iterator[Finding]:
     import torch
 
-    wants_cuda = config.model.device.startswith("cuda")
+    wanted_gpu = cuda_index(config.model.device)
+    wants_cuda = wanted_gpu is not None
     gpus, smi_problem = _nvidia_smi()
     if gpus is None and smi_problem == "nvidia-smi is not installed":
         level = PROBLEM if wants_cuda else WARNING
@@ -94,7 +96,7 @@ def check_gpu(config: Config) -> Iterator[Finding]:
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
     yield Finding(OK, "gpu", f"torch {torch.__version__} uses CUDA {torch.version.cuda} on"
                   f" {count} GPU(s): {names}")
-    if wants_cuda and ":" in config.model.device and int(config.model.device[5:]) >= count:
+    if wanted_gpu is not None and wanted_gpu >= count:
         yield Finding(PROBLEM, "gpu", f"model.device is {config.model.device} but there are only"
                       f" {count} GPU(s)")
 
