@@ -1,0 +1,1 @@
+"""Accounts, credits and their ledger, API keys, console sign-in and the audit log."""

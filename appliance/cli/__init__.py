@@ -1,0 +1,1 @@
+"""The `appliance` command: one module per command group."""

@@ -1,0 +1,1 @@
+"""The queue, the GPU workers, the diffusers pipeline and the PNG writers."""

@@ -1,0 +1,1 @@
+"""Bulk image jobs: the job service, its store, parameters, admission and idempotency."""

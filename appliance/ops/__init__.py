@@ -1,0 +1,1 @@
+"""Operating the appliance: scheduler, housekeeping, init, backup and restore, doctor, the service lock."""

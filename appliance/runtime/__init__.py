@@ -1,0 +1,1 @@
+"""The serving process: uvicorn, systemd notification and watchdog, logs."""

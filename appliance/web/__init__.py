@@ -1,0 +1,1 @@
+"""HTTP: the native API, the OpenAI-compatible endpoint, the console and the probes."""
