@@ -263,7 +263,7 @@ def test_console_key_management_is_audited_with_the_browser_address(client):
     raw = re.search(r'value="(wi_live_[0-9a-f]{64})"', created.text)[1]
     listing = http.get("/console/api-keys").text
     assert raw not in listing and raw[:12] in listing and "Production" in listing
-    assert created.headers["cache-control"] == "no-database"
+    assert created.headers["cache-control"] == "no-store"
 
     info = keys.list_keys(db, account.id)[0]
     deleted = post_form(http, f"/console/api-keys/{info.id}/delete")

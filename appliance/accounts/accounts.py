@@ -16,7 +16,7 @@ from sqlite_utils import Database
 
 from appliance.accounts import audit
 from appliance.core.clock import utc_now
-from appliance.core.database import immediate
+from appliance.core.database import immediate, insert
 from appliance.core.errors import BadRequest, Conflict, InsufficientCredits, NotFound
 
 _hasher = PasswordHasher()  # argon2id with the library's current parameters
@@ -70,11 +70,12 @@ def create_account(
     password_hash = hash_password(password)
     try:
         with immediate(db):
-            account_id = db.execute(
+            account_id = insert(
+                db,
                 "INSERT INTO accounts (email, password_hash, is_admin, credits, created_at)"
                 " VALUES (?, ?, ?, 0, ?)",
                 [email, password_hash, int(is_admin), utc_now()],
-            ).lastrowid
+            )
             audit.record(db, "account.create", actor, account_id=account_id,
                          details={"email": email, "admin": is_admin})
             if credits:

@@ -26,7 +26,7 @@ class Actor:
     by: str | None = None
 
     @classmethod
-    def cli(cls) -> "Actor":
+    def cli(cls) -> Actor:
         return cls(ip_address=None, user_agent="appliance-cli")
 
 
@@ -96,7 +96,8 @@ def _day(text: str, name: str) -> date | None:
 
 def query(db: Database, where: AuditFilter, limit: int | None = None) -> list[AuditEntry]:
     """Newest first. Dates are whole UTC days; an account matches by part of its email."""
-    clauses, params = [], []
+    clauses: list[str] = []
+    params: list[str | int] = []
     if where.account.strip():
         clauses.append("instr(lower(a.email), ?) > 0")
         params.append(where.account.strip().lower())

@@ -16,7 +16,7 @@ from sqlite_utils import Database
 
 from appliance.accounts import audit
 from appliance.core.clock import utc_now
-from appliance.core.database import immediate
+from appliance.core.database import immediate, insert
 from appliance.core.digests import sha256_hex
 from appliance.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 
@@ -73,11 +73,12 @@ def create_key(db: Database, account_id: int, name: str, actor: audit.Actor) -> 
     raw = generate_key()
     now = utc_now()
     with immediate(db):
-        key_id = db.execute(
+        key_id = insert(
+            db,
             "INSERT INTO api_keys (account_id, name, key_hash, prefix, created_at)"
             " VALUES (?, ?, ?, ?, ?)",
             [account_id, name, hash_key(raw), raw[:DISPLAY_PREFIX_LENGTH], now],
-        ).lastrowid
+        )
         audit.record(db, "key.create", actor, account_id=account_id, api_key_id=key_id,
                      details={"name": name, "prefix": raw[:DISPLAY_PREFIX_LENGTH]})
     return KeyInfo(key_id, name, raw[:DISPLAY_PREFIX_LENGTH], now, None), raw

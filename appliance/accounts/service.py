@@ -73,7 +73,8 @@ class KeyService:
     def live(self, account_id: int) -> list[KeyInfo]:
         return keys.list_keys(self.database.db(), account_id)
 
-    def delete(self, account_id: int, prefix: str, actor: Actor, name: str | None = None) -> KeyInfo:
+    def delete(self, account_id: int, prefix: str, actor: Actor,
+               name: str | None = None) -> KeyInfo:
         return keys.delete_key(self.database.db(), account_id, prefix, actor, name=name)
 
     def delete_by_id(self, account_id: int, key_id: int, actor: Actor) -> KeyInfo:

@@ -33,7 +33,7 @@ class SignInLimits:
     per_address: int
 
     @classmethod
-    def from_config(cls, console: ConsoleConfig) -> "SignInLimits":
+    def from_config(cls, console: ConsoleConfig) -> SignInLimits:
         return cls(timedelta(minutes=console.signin_window_minutes),
                    console.max_failed_signins_per_account,
                    console.max_failed_signins_per_address)
@@ -72,8 +72,8 @@ def sign_in(db: Database, email: str, password: str, actor: audit.Actor,
         audit.record(db, FAILED, actor, account_id=account_id,
                      details={"email": email, "reason": "account disabled"})
         raise Forbidden(DISABLED)
-    audit.record(db, SUCCEEDED, actor, account_id=account_id)
-    return get_account(db, account_id)
+    audit.record(db, SUCCEEDED, actor, account_id=row[0])
+    return get_account(db, row[0])
 
 
 def _seconds_throttled(db: Database, account_id: int | None, ip_address: str | None,

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,7 @@ def run_baseline(options: BenchOptions, work: Path) -> dict[str, Any]:
 def server_sections(options: BenchOptions, work: Path, port: int) -> dict[str, dict[str, Any]]:
     """The server's config: the options given, room for every job, no per-key throttling."""
     total = options.images + 1
-    sections = {
+    sections: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": port},
         "storage": {"data_dir": work / "data", "database": work / "data" / "appliance.db"},
         "model": {"path": options.model, "device": options.device, "dtype": options.dtype},
@@ -186,7 +186,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     on_cpu = baseline["device"] == "cpu"
     devices = resolved_devices(options)
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "device": baseline["device_name"],
         # One device: the one the plain loop found for "auto" too.
         "devices": devices if len(devices) > 1 else [baseline["device"]],
@@ -237,7 +237,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         f" {result['dtype']}, on {result['device']}",
         f"settings: {result['width']}x{result['height']}, {result['steps']} steps, guidance"
         f" {result['guidance_scale']:g}",
-        f"appliance: batch size {result['batch_size']}, window {result['batch_window_seconds']:g} s,"
+        f"appliance: batch size {result['batch_size']},"
+        f" window {result['batch_window_seconds']:g} s,"
         f" compile {result['compile']}, {len(result['devices'])} device(s), {result['clients']}"
         f" clients, jobs of up to {result['job_size']} prompts, polled every"
         f" {result['poll_seconds']:g} s",

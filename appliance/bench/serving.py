@@ -85,9 +85,9 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
 
 
 def make_keys(database: Path, count: int, credits: int) -> list[str]:
-    database = ConnectionPool(database)
+    pool = ConnectionPool(database)
     try:
-        db = database.db()
+        db = pool.db()
         made = []
         for index in range(count):
             account = accounts.create_account(db, f"bench{index}@example.com",
@@ -96,7 +96,7 @@ def make_keys(database: Path, count: int, credits: int) -> list[str]:
             made.append(keys.create_key(db, account.id, "Benchmark", audit.Actor.cli())[1])
         return made
     finally:
-        database.close()
+        pool.close()
 
 
 class Server:
@@ -234,7 +234,8 @@ def drive(server: Server, runs: list[ClientRun], images_dir: Path,
         "failed_images": sum(job["failedImages"] for job in jobs),
         "seconds": seconds,
         "images_per_second": completed / seconds,
-        "cpu_seconds": None if cpu_started is None or cpu_ended is None else cpu_ended - cpu_started,
+        "cpu_seconds": (None if cpu_started is None or cpu_ended is None
+                        else cpu_ended - cpu_started),
         "jobs": len(jobs),
         "job_latency_p50_s": percentile(latencies, 0.50),
         "job_latency_p95_s": percentile(latencies, 0.95),

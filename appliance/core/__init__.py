@@ -1,1 +1,1 @@
-"""What every layer shares: settings, the database and its schema, errors, clock, digests, devices."""
+"""What every layer shares: settings, database and schema, errors, clock, digests, devices."""

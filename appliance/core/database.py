@@ -6,8 +6,9 @@ import contextlib
 import itertools
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 
@@ -31,6 +32,14 @@ def open_database(path: Path, busy_timeout_seconds: float = BUSY_TIMEOUT_SECONDS
 
 def migrate(db: Database) -> None:
     migrations.apply(db)
+
+
+def insert(db: Database, sql: str, params: Sequence[Any]) -> int:
+    """Runs an INSERT and returns the new row's id."""
+    row_id = db.execute(sql, params).lastrowid
+    if row_id is None:  # an INSERT into a rowid table always makes one
+        raise sqlite3.InterfaceError(f"no row was inserted by {sql!r}")
+    return row_id
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ def worker_devices(config: Config) -> list[str]:
 class Engine:
     def __init__(self, config: Config, database: ConnectionPool,
                  load_generator: Callable[[], ImageGenerator] | None = None):
-        """`load_generator` replaces the diffusers pipeline (tests); it is called once per worker."""
+        """`load_generator` replaces the diffusers pipeline (tests); it is called once a worker."""
         self.config = config
         self.database = database
         engine = config.engine
@@ -53,7 +53,8 @@ class Engine:
         if load_generator is None:
             from appliance.engine.diffusers_generator import load_configured_generator
 
-            loaders = [partial(load_configured_generator, config, device) for device in self.devices]
+            loaders: list[Callable[[], ImageGenerator]] = [
+                partial(load_configured_generator, config, device) for device in self.devices]
         else:
             loaders = [load_generator] * len(self.devices)
         several = len(self.devices) > 1

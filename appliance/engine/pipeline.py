@@ -204,8 +204,9 @@ def render(
         return _to_pixels(result.images)
 
 
-def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """Latents -> uint8 pixels, `chunk` images at a time (0: all at once)."""
+def decode_latents(vae: Any, latents: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Latents -> uint8 pixels, `chunk` images at a time (0: all at once); `vae` is a diffusers
+    AutoencoderKL or AutoencoderTiny."""
     latents = latents.to(vae.dtype) / vae.config.scaling_factor
     parts = latents.split(chunk) if chunk else (latents,)
     with torch.inference_mode():
@@ -242,16 +243,19 @@ def optimize_pipeline(pipe: DiffusionPipeline, device: str, channels_last: bool)
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _conv_models(pipe: DiffusionPipeline, with_vae: bool = True) -> list[torch.nn.Module]:
+def _conv_models(pipe: DiffusionPipeline, with_vae: bool = True) -> list[Any]:
+    # diffusers models: torch modules whose own methods (set_attn_processor) and
+    # keywords (memory_format) torch's type hints do not know.
     models = (getattr(pipe, "unet", None), getattr(pipe, "vae", None) if with_vae else None)
     return [model for model in models if isinstance(model, torch.nn.Module)]
 
 
-def _use_sdpa(model: torch.nn.Module) -> None:
+def _use_sdpa(model: Any) -> None:
     # PyTorch's fused scaled-dot-product attention (flash or memory-efficient
     # kernels); models with special attention processors keep theirs.
     processors = getattr(model, "attn_processors", None)
-    if processors and all(type(p) in (AttnProcessor, AttnProcessor2_0) for p in processors.values()):
+    plain = (AttnProcessor, AttnProcessor2_0)
+    if processors and all(type(p) in plain for p in processors.values()):
         model.set_attn_processor(AttnProcessor2_0())
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from PIL import Image
@@ -116,7 +117,7 @@ class Worker(threading.Thread):
         started = time.perf_counter()
         try:
             images = _launch(generator, batch, started)
-        except Exception as exc:  # noqa: BLE001 - any failure fails and refunds the batch
+        except Exception as exc:
             log.exception("a batch of %d images failed", len(batch))
             error = f"generation failed: {type(exc).__name__}: {exc}"
             self._batch_ended(batch, None, [], {item: error for item in batch})
@@ -135,7 +136,7 @@ class Worker(threading.Thread):
         try:
             seconds = images.seconds if images is not None and images.seconds is not None else 0.0
             if saved:
-                self._until_recorded(lambda: mark_completed(self.database.db(), saved))
+                self._until_recorded(partial(self._record_completed, saved))
                 self.metrics.images_generated(len(saved), seconds)
                 log.info("generated %d images in %.2f s", len(saved), seconds)
             by_error: dict[str, list[QueuedImage]] = defaultdict(list)
@@ -143,15 +144,21 @@ class Worker(threading.Thread):
                 by_error[error].append(item)
             for error, items in by_error.items():
                 if images is not None:  # a failure at launch was logged with its traceback
-                    log.error("%d of a batch of %d images failed: %s", len(items), len(batch), error)
+                    log.error("%d of a batch of %d images failed: %s", len(items), len(batch),
+                              error)
                 # mark_failed refunds only images still owed, so a retry cannot refund twice.
-                self._until_recorded(
-                    lambda items=items, error=error: mark_failed(self.database.db(), items, error))
+                self._until_recorded(partial(self._record_failed, items, error))
                 self.metrics.images_failed(len(items))
-        except Exception:  # noqa: BLE001 - the rows stay running and are redone at the next start
+        except Exception:
             log.exception("could not record the end of a batch of %d images", len(batch))
         finally:
             self._in_flight.release()
+
+    def _record_completed(self, images: list[QueuedImage]) -> None:
+        mark_completed(self.database.db(), images)
+
+    def _record_failed(self, images: list[QueuedImage], error: str) -> None:
+        mark_failed(self.database.db(), images, error)
 
     def _until_recorded(self, record: Callable[[], None]) -> None:
         """Runs `record` (one transaction) until a locked or full database lets it through.

@@ -23,7 +23,7 @@ HEADER = "Idempotency-Key"
 KEPT_FOR = timedelta(hours=24)
 MAX_KEY_LENGTH = 255
 # Visible ASCII only: what every HTTP client can send and a person can read.
-_KEY = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_KEY_LENGTH)
+_KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_KEY_LENGTH}}}")
 
 
 class KeyReused(ApplianceError):

@@ -67,7 +67,7 @@ class GenerationSettings:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "GenerationSettings":
+    def from_json(cls, text: str) -> GenerationSettings:
         return cls(**json.loads(text))
 
 

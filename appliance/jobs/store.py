@@ -12,12 +12,13 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 
 from appliance.accounts.accounts import change_credits
 from appliance.core.clock import utc_now
-from appliance.core.database import immediate
+from appliance.core.database import immediate, insert
 from appliance.core.errors import NotFound
 from appliance.jobs.models import (
     MAX_SEED,
@@ -55,19 +56,18 @@ def submit(
         db.execute(
             "INSERT INTO jobs (id, account_id, api_key_id, status, total_images, credits_used,"
             " settings, seed, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [job_id, account_id, api_key_id, JobStatus.QUEUED, count, count, settings.to_json(), seed, now],
+            [job_id, account_id, api_key_id, JobStatus.QUEUED, count, count, settings.to_json(),
+             seed, now],
         )
         balance = change_credits(db, account_id, -count, "image job", job_id)
         image_ids = [
-            db.execute(
-                "INSERT INTO job_images (job_id, idx, prompt, seed, status) VALUES (?, ?, ?, ?, ?)",
-                [job_id, i, prompt, seed, ImageStatus.QUEUED],
-            ).lastrowid
-            for i, (prompt, seed) in enumerate(zip(prompts, seeds))
+            insert(db, "INSERT INTO job_images (job_id, idx, prompt, seed, status)"
+                       " VALUES (?, ?, ?, ?, ?)", [job_id, i, prompt, seed, ImageStatus.QUEUED])
+            for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True))
         ]
     images = [
         QueuedImage(image_id, job_id, account_id, i, prompt, seed, settings)
-        for i, (image_id, prompt, seed) in enumerate(zip(image_ids, prompts, seeds))
+        for i, (image_id, prompt, seed) in enumerate(zip(image_ids, prompts, seeds, strict=True))
     ]
     return Submitted(job_id, count, count, balance, images)
 
@@ -79,8 +79,15 @@ def image_seeds(count: int, base_seed: int | None) -> list[int]:
     return [(base_seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
+def image_view(row: dict[str, Any]) -> ImageView:
+    """An image from a row of job_images with these columns."""
+    return ImageView(row["idx"], row["prompt"], ImageStatus(row["status"]), row["seed"],
+                     row["error"], row["finished_at"])
+
+
 def _job_row(db: Database, account_id: int, job_id: str) -> dict:
-    rows = list(db.query("SELECT * FROM jobs WHERE id = ? AND account_id = ?", [job_id, account_id]))
+    rows = list(db.query("SELECT * FROM jobs WHERE id = ? AND account_id = ?",
+                         [job_id, account_id]))
     if not rows:
         # Another account's job is answered exactly like one that does not exist.
         raise NotFound("Job not found")
@@ -90,14 +97,14 @@ def _job_row(db: Database, account_id: int, job_id: str) -> dict:
 def get_job(db: Database, account_id: int, job_id: str) -> JobView:
     job = _job_row(db, account_id, job_id)
     images = [
-        ImageView(r["idx"], r["prompt"], ImageStatus(r["status"]), r["seed"], r["error"], r["finished_at"])
+        image_view(r)
         for r in db.query(
             "SELECT idx, prompt, status, seed, error, finished_at FROM job_images"
             " WHERE job_id = ? ORDER BY idx",
             [job_id],
         )
     ]
-    counts = defaultdict(int)
+    counts: defaultdict[str, int] = defaultdict(int)
     for image in images:
         counts[image.status] += 1
     return JobView(
@@ -142,7 +149,8 @@ def mark_running(db: Database, images: Iterable[QueuedImage]) -> list[QueuedImag
     with immediate(db):
         started = [
             image for image in images
-            if db.execute("UPDATE job_images SET status = ?, started_at = ? WHERE id = ? AND status = ?",
+            if db.execute("UPDATE job_images SET status = ?, started_at = ?"
+                          " WHERE id = ? AND status = ?",
                           [ImageStatus.RUNNING, now, image.image_id, ImageStatus.QUEUED]).rowcount
         ]
         db.conn.executemany(
@@ -158,7 +166,8 @@ def mark_completed(db: Database, images: Iterable[QueuedImage]) -> None:
     with immediate(db):
         db.conn.executemany(
             "UPDATE job_images SET status = ?, file = ?, finished_at = ? WHERE id = ?",
-            [(ImageStatus.COMPLETED, image_relpath(i.job_id, i.index), now, i.image_id) for i in images],
+            [(ImageStatus.COMPLETED, image_relpath(i.job_id, i.index), now, i.image_id)
+             for i in images],
         )
         _settle_jobs(db, {i.job_id for i in images}, now)
 
@@ -261,8 +270,7 @@ def list_jobs(db: Database, account_id: int, limit: int = 20, offset: int = 0) -
             f" WHERE job_id IN ({marks}) ORDER BY job_id, idx",
             [row["id"] for row in rows],
         ):
-            images[r["job_id"]].append(ImageView(r["idx"], r["prompt"], ImageStatus(r["status"]), r["seed"],
-                                                 r["error"], r["finished_at"]))
+            images[r["job_id"]].append(image_view(r))
     return [
         JobSummary(
             job_id=row["id"],

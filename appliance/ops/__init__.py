@@ -1,1 +1,1 @@
-"""Operating the appliance: scheduler, housekeeping, init, backup and restore, doctor, the service lock."""
+"""Operating the appliance: scheduler, housekeeping, init, backup/restore, doctor, service lock."""

@@ -15,7 +15,7 @@ import shutil
 import sqlite3
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.core.clock import utc_now
@@ -68,7 +68,8 @@ def row_counts(path: Path) -> dict[str, int]:
         tables = [row[0] for row in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
             " ORDER BY name")]
-        return {name: conn.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0] for name in tables}
+        return {name: conn.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0]
+                for name in tables}
     finally:
         conn.close()
 
@@ -166,7 +167,8 @@ def create_backup(config: Config, target: Path) -> BackupSummary:
 def read_manifest(source: Path) -> dict:
     manifest = source / MANIFEST
     if not manifest.is_file():
-        raise BadRequest(f"{source} is not a backup made by `appliance backup`: it has no {MANIFEST}")
+        raise BadRequest(f"{source} is not a backup made by `appliance backup`: it has no"
+                         f" {MANIFEST}")
     try:
         data = json.loads(manifest.read_text())
     except ValueError as exc:
@@ -203,7 +205,7 @@ def restore_backup(config: Config, source: Path) -> RestoreSummary:
         raise BackupError(f"the backup's database is damaged ({problem}); nothing was changed")
     data_dir = config.storage.data_dir
     with service_lock(data_dir, "restore"):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         aside = data_dir / f"pre-restore-{stamp}"
         database = config.storage.database
         # The -wal file may hold the last commits of a crashed run: it moves with its database.

@@ -109,7 +109,7 @@ class Housekeeping:
         return removed
 
     def prune_console_sessions(self) -> int:
-        """Deletes console sessions whose expiry has passed (the session store refuses them already)."""
+        """Deletes console sessions past their expiry (the session store refuses them already)."""
         now = utc_iso(self.clock())
         db = self.database.db()
         with immediate(db):

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -30,7 +30,7 @@ class Scheduler:
     def __init__(self, housekeeping: Housekeeping):
         self.housekeeping = housekeeping
         self.scheduler = AsyncIOScheduler(
-            timezone=timezone.utc,
+            timezone=UTC,
             # After a long pause (a suspended VM) a job runs once, not once per missed period.
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600},
         )
@@ -44,7 +44,7 @@ class Scheduler:
             ("remove-partial-files", housekeeping.remove_partial_files, DAILY),
             ("sqlite-upkeep", housekeeping.sqlite_upkeep, DAILY),
         ]
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for job_id, func, period in jobs:
             self.scheduler.add_job(self._guarded(job_id, func),
                                    IntervalTrigger(seconds=int(period.total_seconds())),
@@ -58,7 +58,7 @@ class Scheduler:
                 self._running += 1
             try:
                 func()
-            except Exception:  # noqa: BLE001 - a failed clean-up must not stop the others
+            except Exception:
                 log.exception("housekeeping job %s failed; it runs again at its next time", job_id,
                               extra={"event": "housekeeping.failed", "job": job_id})
             finally:

@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from appliance.core.clock import utc_iso
@@ -28,7 +28,8 @@ _SECRET_PATTERNS = [
                 r"(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\s\"',;&]+"),
      r"\1\2" + REDACTED),
 ]
-_SECRET_FIELD = re.compile(r"(?i)password|passwd|secret|session|cookie|authorization|token|api_?key")
+_SECRET_FIELD = re.compile(
+    r"(?i)password|passwd|secret|session|cookie|authorization|token|api_?key")
 
 # Attributes every LogRecord has; anything else came from `extra=` and is a field.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -42,7 +43,7 @@ def redact(text: str) -> str:
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    return utc_iso(datetime.fromtimestamp(record.created, timezone.utc))
+    return utc_iso(datetime.fromtimestamp(record.created, UTC))
 
 
 def _access_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -82,7 +83,8 @@ def _logfmt_value(value: Any) -> str:
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line = " ".join(f"{key}={_logfmt_value(value)}" for key, value in record_fields(record).items())
+        fields = record_fields(record).items()
+        line = " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields)
         return redact(line)
 
 

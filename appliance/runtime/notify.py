@@ -23,7 +23,7 @@ class Notifier:
         self._warned = False
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "Notifier":
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> Notifier:
         return cls(environ.get("NOTIFY_SOCKET") or None, _watchdog_seconds(environ))
 
     @property

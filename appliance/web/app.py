@@ -34,7 +34,7 @@ HTTP_METRICS = PrometheusConfig(app_name="appliance", prefix="appliance_http", g
 
 
 def create_app(services: Services) -> Litestar:
-    """The app serving `services` (built with Services.build); its lifespan starts and stops them."""
+    """The app serving `services` (from Services.build); its lifespan starts and stops them."""
     config = services.config
 
     @contextlib.asynccontextmanager

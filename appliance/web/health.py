@@ -48,7 +48,8 @@ def healthz() -> dict[str, str]:
 
 
 @get("/readyz", include_in_schema=False, sync_to_thread=True)
-def readyz(database: Database, engine: EngineDependency, config: Settings) -> Response[dict[str, Any]]:
+def readyz(database: Database, engine: EngineDependency,
+           config: Settings) -> Response[dict[str, Any]]:
     checks = [database_check(database), model_check(engine),
               worker_check(engine, config.health.worker_stall_seconds)]
     summary = {check.name: check.problem or "ok" for check in checks}

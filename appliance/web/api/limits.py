@@ -70,7 +70,7 @@ class HostPolicy:
         self.exact = {name for name in names if not name.startswith("*")}
 
     @classmethod
-    def for_server(cls, server: ServerConfig) -> "HostPolicy":
+    def for_server(cls, server: ServerConfig) -> HostPolicy:
         built_in = ["localhost", server.host, socket.gethostname()]
         return cls([*built_in, *server.allowed_hosts.split(",")])
 
@@ -117,7 +117,7 @@ class AllowedHostsMiddleware(ASGIMiddleware):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         host = Headers.from_scope(scope).get("host")
-        if not self.policy.allows(host):
+        if host is not None and not self.policy.allows(host):
             raise BadRequest(f"this server does not answer to the host name {host_name(host)!r};"
                              " an administrator can add it to server.allowed_hosts")
         await next_app(scope, receive, send)

@@ -118,7 +118,8 @@ def _in_openai_shape(native_handler: Callable[[Request, Any], Response[Any]]) ->
     # A busy or full database (503 with Retry-After) answers as on the native API.
     def handle(request: Request, exc: Exception) -> Response[Any]:
         native = native_handler(request, exc)
-        return _error(native.content["error"], native.status_code, headers=dict(native.headers))
+        return _error(native.content["error"], native.status_code or 500,
+                      headers=dict(native.headers))
 
     return handle
 

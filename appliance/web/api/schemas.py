@@ -9,12 +9,13 @@ import msgspec
 from appliance.jobs.models import ImageStatus, JobStatus
 
 
-def described(kind: type, text: str) -> type:
-    return Annotated[kind, msgspec.Meta(description=text)]  # type: ignore[return-value]
-
-
 class ErrorBody(msgspec.Struct):
     error: str
+
+
+def doc(text: str) -> msgspec.Meta:
+    """A field's description in the OpenAPI document."""
+    return msgspec.Meta(description=text)
 
 
 SIZE_RULE = ("a multiple of 8 within the server's bounds (config.toml generation.min_size to"
@@ -22,22 +23,25 @@ SIZE_RULE = ("a multiple of 8 within the server's bounds (config.toml generation
 
 
 class CreateImagesRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
-    prompts: described(list[str], "One image is made for each prompt, in order.")
-    negative_prompt: described(str, "What the images should not show; applies to every"
-                                    " prompt. Blank means none.") | None = None
-    width: described(int, f"Width in pixels: {SIZE_RULE}."
-                          " Default: config.toml generation.width.") | None = None
-    height: described(int, f"Height in pixels: {SIZE_RULE}."
-                           " Default: config.toml generation.height.") | None = None
-    steps: described(int, "Denoising steps, within generation.min_steps to generation.max_steps"
-                          " (by default 1 to 100). Default: generation.steps.") | None = None
-    guidance_scale: described(float, "Classifier-free guidance scale, within"
-                                     " generation.min_guidance_scale to"
-                                     " generation.max_guidance_scale (by default 0 to 20)."
-                                     " Default: generation.guidance_scale.") | None = None
-    seed: described(int, "Base seed, 0 to 4294967295: image i uses (seed + i) mod 2**32, so the"
-                         " same request on the same device gives the same images. Without it"
-                         " each image gets a random seed.") | None = None
+    prompts: Annotated[list[str], doc("One image is made for each prompt, in order.")]
+    negative_prompt: Annotated[str, doc(
+        "What the images should not show; applies to every prompt. Blank means"
+        " none.")] | None = None
+    width: Annotated[int, doc(
+        f"Width in pixels: {SIZE_RULE}. Default: config.toml generation.width.")] | None = None
+    height: Annotated[int, doc(
+        f"Height in pixels: {SIZE_RULE}. Default: config.toml generation.height.")] | None = None
+    steps: Annotated[int, doc(
+        "Denoising steps, within generation.min_steps to generation.max_steps (by default 1 "
+        "to 100). Default: generation.steps.")] | None = None
+    guidance_scale: Annotated[float, doc(
+        "Classifier-free guidance scale, within generation.min_guidance_scale to "
+        "generation.max_guidance_scale (by default 0 to 20). Default: "
+        "generation.guidance_scale.")] | None = None
+    seed: Annotated[int, doc(
+        "Base seed, 0 to 4294967295: image i uses (seed + i) mod 2**32, so the same request "
+        "on the same device gives the same images. Without it each image gets a random"
+        " seed.")] | None = None
 
 
 class CreateImagesResponse(msgspec.Struct, rename="camel"):
@@ -45,8 +49,6 @@ class CreateImagesResponse(msgspec.Struct, rename="camel"):
     total_images: int
     credits_used: int
     credits: int
-
-
 
 
 class JobImage(msgspec.Struct, rename="camel", omit_defaults=True):
@@ -67,16 +69,17 @@ class JobParameters(msgspec.Struct, rename="camel"):
     height: int
     steps: int
     guidance_scale: float
-    seed: described(int, "The base seed asked for; null when each image drew a random"
-                         " seed (see each image's seed).") | None
+    seed: Annotated[int, doc(
+        "The base seed asked for; null when each image drew a random seed (see each image's "
+        "seed).")] | None
 
 
 class JobResponse(msgspec.Struct, rename="camel"):
     job_id: str
-    status: described(JobStatus, "queued: no image started yet; processing: some started;"
-                                 " completed: all ended, at least one made; failed: all"
-                                 " ended, none made, some failed; cancelled: every image"
-                                 " was cancelled before it started.")
+    status: Annotated[JobStatus, doc(
+        "queued: no image started yet; processing: some started; completed: all ended, at "
+        "least one made; failed: all ended, none made, some failed; cancelled: every image "
+        "was cancelled before it started.")]
     total_images: int
     completed_images: int
     failed_images: int
@@ -88,9 +91,9 @@ class JobResponse(msgspec.Struct, rename="camel"):
     finished_at: str | None
     images: list[JobImage]
     cancelled_images: int = 0
-    queue_position: described(int, "How many queued images the engine takes before this"
-                                   " job's next one; null when none of its images is"
-                                   " waiting.") | None = None
+    queue_position: Annotated[int, doc(
+        "How many queued images the engine takes before this job's next one; null when none "
+        "of its images is waiting.")] | None = None
     parameters: JobParameters | None = None
 
 
@@ -127,26 +130,30 @@ class OpenAIErrorBody(msgspec.Struct):
 
 
 class OpenAIImageRequest(msgspec.Struct, forbid_unknown_fields=True):
-    prompt: described(str, "The text to make images of.")
-    n: described(int, "How many images, 1 to limits.max_prompts_per_request;"
-                      " each costs 1 credit. Default 1.") | None = None
-    size: described(str, f"WIDTHxHEIGHT, each {SIZE_RULE}. Default (or auto): the server's"
-                         " generation.width x generation.height.") | None = None
-    response_format: described(Literal["b64_json", "url"],
-                               "b64_json (the default here): the PNG inline, base64; url: the"
-                               " image's URL on this server, fetched with the same API"
-                               " key.") | None = None
-    model: described(str, "The model's id from GET /v1/models; omit for the loaded"
-                          " model.") | None = None
-    user: described(str, "Accepted for compatibility and ignored.") | None = None
-    quality: described(str, "Accepted for compatibility and ignored.") | None = None
-    style: described(str, "Accepted for compatibility and ignored.") | None = None
+    prompt: Annotated[str, doc("The text to make images of.")]
+    n: Annotated[int, doc(
+        "How many images, 1 to limits.max_prompts_per_request; each costs 1 credit. Default "
+        "1.")] | None = None
+    size: Annotated[str, doc(
+        f"WIDTHxHEIGHT, each {SIZE_RULE}. Default (or auto): the server's generation.width x "
+        f"generation.height.")] | None = None
+    response_format: Annotated[Literal["b64_json", "url"], doc(
+        "b64_json (the default here): the PNG inline, base64; url: the image's URL on this "
+        "server, fetched with the same API key.")] | None = None
+    model: Annotated[str, doc(
+        "The model's id from GET /v1/models; omit for the loaded model.")] | None = None
+    user: Annotated[str, doc("Accepted for compatibility and ignored.")] | None = None
+    quality: Annotated[str, doc("Accepted for compatibility and ignored.")] | None = None
+    style: Annotated[str, doc("Accepted for compatibility and ignored.")] | None = None
     # Extensions beyond OpenAI's API (the openai client sends them via extra_body).
-    negative_prompt: described(str, "Extension: what the images should not show.") | None = None
-    steps: described(int, "Extension: denoising steps, within the server's bounds.") | None = None
-    guidance_scale: described(float, "Extension: guidance scale, within the server's"
-                                     " bounds.") | None = None
-    seed: described(int, "Extension: base seed; image i uses (seed + i) mod 2**32.") | None = None
+    negative_prompt: Annotated[str, doc(
+        "Extension: what the images should not show.")] | None = None
+    steps: Annotated[int, doc(
+        "Extension: denoising steps, within the server's bounds.")] | None = None
+    guidance_scale: Annotated[float, doc(
+        "Extension: guidance scale, within the server's bounds.")] | None = None
+    seed: Annotated[int, doc(
+        "Extension: base seed; image i uses (seed + i) mod 2**32.")] | None = None
 
 
 class OpenAIImage(msgspec.Struct, omit_defaults=True):
@@ -155,7 +162,7 @@ class OpenAIImage(msgspec.Struct, omit_defaults=True):
 
 
 class OpenAIImagesResponse(msgspec.Struct):
-    created: described(int, "Unix time, in seconds, when the job was accepted.")
+    created: Annotated[int, doc("Unix time, in seconds, when the job was accepted.")]
     data: list[OpenAIImage]
 
 

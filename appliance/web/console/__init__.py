@@ -13,6 +13,7 @@ from litestar.datastructures import CacheControlHeader
 from litestar.plugins import InitPlugin
 from litestar.static_files import create_static_files_router
 from litestar.stores.registry import StoreRegistry
+from litestar.types import Middleware
 
 from appliance.core.config import Config
 from appliance.ops.initialise import make_secret_file
@@ -64,15 +65,15 @@ class ConsolePlugin(InitPlugin):
             exclude=CSRF_EXEMPT,
         )
         app_config.template_config = template_config()
-        common = {
-            "middleware": [SecurityHeadersMiddleware(), sessions.middleware],
-            "exception_handlers": CONSOLE_EXCEPTION_HANDLERS,
-            "include_in_schema": False,
-        }
+        middleware: list[Middleware] = [SecurityHeadersMiddleware(), sessions.middleware]
         app_config.route_handlers.extend([
-            Router(path="/", route_handlers=[home, login_page, login, logout], **common),
+            Router(path="/", route_handlers=[home, login_page, login, logout],
+                   middleware=middleware, exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
+                   include_in_schema=False),
             Router(path="/console", route_handlers=[ConsolePages, AdminPages],
-                   guards=[signed_in_guard(self.services.accounts, console)], **common),
+                   guards=[signed_in_guard(self.services.accounts, console)],
+                   middleware=middleware, exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
+                   include_in_schema=False),
             create_static_files_router(path="/console/static", directories=[STATIC],
                                        name="console.static", include_in_schema=False,
                                        opt={"exclude_from_csrf": True},

@@ -11,6 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
+from litestar.types import ExceptionHandlersMap
 
 from appliance.core.errors import ApplianceError
 from appliance.web.api import errors as api_errors
@@ -61,12 +62,12 @@ def safe_next(target: str | None) -> str:
 def _html_error(request: Request, message: str, status: int,
                 headers: dict[str, str] | None = None) -> Response[Any]:
     response = page(request, "error.html", status_code=status, message=message, status=status)
-    response.headers.update({**(headers or {}), **SECURITY_HEADERS, "Cache-Control": "no-database"})
-    return response  # type: ignore[return-value]
+    response.headers.update({**(headers or {}), **SECURITY_HEADERS, "Cache-Control": "no-store"})
+    return response
 
 
 def _with_headers(response: Response[Any]) -> Response[Any]:
-    response.headers.update({**SECURITY_HEADERS, "Cache-Control": "no-database"})
+    response.headers.update({**SECURITY_HEADERS, "Cache-Control": "no-store"})
     return response
 
 
@@ -105,7 +106,7 @@ def _page_message(exc: HTTPException) -> str:
     return exc.detail
 
 
-CONSOLE_EXCEPTION_HANDLERS = {
+CONSOLE_EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ApplianceError: console_error,
     ValidationException: console_error,
     HTTPException: console_error,

@@ -67,7 +67,7 @@ def add_security_headers(headers: Any) -> None:
     # Console pages show private data: no shared or back-button caches,
     # unless the handler chose otherwise (images).
     if "cache-control" not in headers:
-        headers["Cache-Control"] = "no-database"
+        headers["Cache-Control"] = "no-store"
 
 
 def actor(connection: ASGIConnection, by: str | None = None) -> audit.Actor:

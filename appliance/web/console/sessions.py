@@ -32,6 +32,7 @@ COOKIE_NAME = "console_session"
 # that polls for progress does not turn every poll into a write.
 RENEW_STEP = timedelta(seconds=60)
 
+# Kept in the request's state between loading the session and storing it.
 _LOADED_ID = "appliance.console.session_id"
 _LOADED_DATA = "appliance.console.session_data"
 _ROTATE = "appliance.console.rotate_session"
@@ -53,7 +54,8 @@ class DatabaseSessionStore(Store):
         # Called on the worker thread: each thread has its own connection.
         return self._pool.db()
 
-    async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None) -> None:
+    async def set(self, key: str, value: str | bytes,
+                  expires_in: int | timedelta | None = None) -> None:
         await anyio.to_thread.run_sync(self._set, key, value, _seconds(expires_in))
 
     async def get(self, key: str, renew_for: int | timedelta | None = None) -> bytes | None:
@@ -63,7 +65,7 @@ class DatabaseSessionStore(Store):
         await anyio.to_thread.run_sync(self._delete, key)
 
     async def delete_all(self) -> None:
-        await anyio.to_thread.run_sync(lambda: self._database().execute("DELETE FROM console_sessions"))
+        await anyio.to_thread.run_sync(self._delete_all)
 
     async def exists(self, key: str) -> bool:
         return await self.get(key) is not None
@@ -101,11 +103,15 @@ class DatabaseSessionStore(Store):
         return bytes(value)
 
     def _delete(self, key: str) -> None:
-        self._database().execute("DELETE FROM console_sessions WHERE key_hash = ?", [sha256_hex(key)])
+        self._database().execute("DELETE FROM console_sessions WHERE key_hash = ?",
+                                 [sha256_hex(key)])
+
+    def _delete_all(self) -> None:
+        self._database().execute("DELETE FROM console_sessions")
 
     def _expires_in(self, key: str) -> int | None:
-        row = self._database().execute(
-            "SELECT expires_at FROM console_sessions WHERE key_hash = ?", [sha256_hex(key)]).fetchone()
+        row = self._database().execute("SELECT expires_at FROM console_sessions WHERE key_hash = ?",
+                                       [sha256_hex(key)]).fetchone()
         if row is None or row[0] is None:
             return None
         left = parse_utc(row[0]) - utc_clock()
@@ -114,7 +120,7 @@ class DatabaseSessionStore(Store):
 
 def rotate_session_id(connection: ASGIConnection) -> None:
     """Makes this response carry a fresh session id and forget the old one (at sign-in)."""
-    connection.scope[_ROTATE] = True  # type: ignore[literal-required]
+    connection.state[_ROTATE] = True
 
 
 class ConsoleSessionBackend(ServerSideSessionBackend):
@@ -131,20 +137,22 @@ class ConsoleSessionBackend(ServerSideSessionBackend):
             store = self.config.get_store_from_app(connection.scope["app"])
             data = await self.get(session_id, store=store)
             if data is not None:
-                connection.scope[_LOADED_ID] = session_id  # type: ignore[literal-required]
-                connection.scope[_LOADED_DATA] = data  # type: ignore[literal-required]
+                connection.state[_LOADED_ID] = session_id
+                connection.state[_LOADED_DATA] = data
                 return self.deserialize_data(data)
         return {}
 
     def get_session_id(self, connection: ASGIConnection) -> str:
-        return connection.scope.get(_LOADED_ID) or self.generate_session_id()  # type: ignore[return-value]
+        loaded: str | None = connection.state.get(_LOADED_ID)
+        return loaded or self.generate_session_id()
 
     async def store_in_message(self, scope_session: ScopeSession, message: Message,
                                connection: ASGIConnection) -> None:
         scope = connection.scope
         store = self.config.get_store_from_app(scope["app"])
         headers = MutableScopeHeaders.from_message(message)
-        loaded_id: str | None = scope.get(_LOADED_ID)  # type: ignore[assignment]
+        state = connection.state
+        loaded_id: str | None = state.get(_LOADED_ID)
         if scope_session is Empty or not scope_session:
             if loaded_id:
                 await self.delete(loaded_id, store=store)
@@ -152,13 +160,13 @@ class ConsoleSessionBackend(ServerSideSessionBackend):
                 headers.add("Set-Cookie", self._cookie(connection, "", expires=0))
             return
         session_id = loaded_id
-        if session_id is None or scope.pop(_ROTATE, False):
+        if session_id is None or state.pop(_ROTATE, False):
             if session_id:
                 await self.delete(session_id, store=store)
             session_id = self.generate_session_id()
         data = self.serialize_data(scope_session, scope)
         # Unchanged data was already renewed by the read; skip the write.
-        if session_id != loaded_id or data != scope.get(_LOADED_DATA):
+        if session_id != loaded_id or data != state.get(_LOADED_DATA):
             await self.set(session_id=session_id, data=data, store=store)
         headers.add("Set-Cookie", self._cookie(connection, session_id))
 
@@ -175,7 +183,7 @@ class ConsoleSessionBackend(ServerSideSessionBackend):
 
 @dataclass
 class ConsoleSessionConfig(ServerSideSessionConfig):
-    _backend_class = ConsoleSessionBackend  # type: ignore[assignment]
+    _backend_class = ConsoleSessionBackend
 
     key: str = field(default=COOKIE_NAME)
     store: str = field(default=STORE_NAME)
