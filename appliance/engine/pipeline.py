@@ -146,20 +146,10 @@ def _check_request(
         raise ValueError(f"Width and height must be multiples of {multiple}; got {width}x{height}.")
 
 
-def generate(
-    pipe: DiffusionPipeline,
-    prompts: list[str],
-    seeds: list[int],
-    *,
-    width: int,
-    height: int,
-    steps: int,
-    guidance: float,
-    negative_prompt: str | None = None,
-    vae_chunk: int = 0,
-) -> list[Image.Image]:
-    pixels = render(pipe, prompts, seeds, width=width, height=height, steps=steps,
-                    guidance=guidance, negative_prompt=negative_prompt, vae_chunk=vae_chunk)
+def generate(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int],
+             **options: Any) -> list[Image.Image]:
+    """render()'s images as PIL images on the CPU; `options` are render()'s."""
+    pixels = render(pipe, prompts, seeds, **options)
     return [Image.fromarray(array) for array in pixels.cpu().numpy()]
 
 

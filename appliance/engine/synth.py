@@ -11,8 +11,6 @@ import functools
 import itertools
 import json
 import logging
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +24,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from appliance.core.files import is_free, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -316,32 +316,15 @@ def _build_pipeline(
     )
 
 
-def _ensure_free(target: Path) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise FileExistsError(
-            f"Refusing to overwrite {target}: it already exists and is not empty."
-        )
-
-
 def synthesize(target: Path, size: str = "tiny", seed: int = 0) -> Path:
     _check_size(size)
     target = Path(target)
-    _ensure_free(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Everything is written next to the target and renamed into place at the
-    # end, so an interrupted run never leaves a folder that looks complete.
-    # (mkdtemp is avoided: its private 0700 mode would survive the rename.)
-    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
-    staging.mkdir()
-    try:
+    if not is_free(target):
+        raise FileExistsError(
+            f"Refusing to overwrite {target}: it already exists and is not empty."
+        )
+    with staged_folder(target) as staging:
         _write_pipeline(staging, size, seed)
-        _ensure_free(target)
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("Synthesized %s model with seed %d at %s", size, seed, target)
     return target
 

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sqlite3
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ from appliance.core.clock import utc_now
 from appliance.core.config import Config
 from appliance.core.database import BUSY_TIMEOUT_SECONDS
 from appliance.core.errors import ApplianceError, BadRequest
+from appliance.core.files import is_free, staged_folder
 from appliance.core.version import package_version
 from appliance.ops.lock import service_lock
 
@@ -126,13 +126,10 @@ def create_backup(config: Config, target: Path) -> BackupSummary:
     database = config.storage.database
     if not database.exists():
         raise BadRequest(f"there is no database at {database}: nothing to back up")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if not is_free(target):
         raise BadRequest(f"{target} already exists and is not an empty folder; name a new one")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
     # Owner-only: the backup holds the service's secret and every account's data.
-    staging.mkdir(mode=0o700)
-    try:
+    with staged_folder(target, mode=0o700) as staging:
         copy_database(database, staging / DATABASE)
         problem = integrity_problem(staging / DATABASE)
         if problem:
@@ -155,12 +152,6 @@ def create_backup(config: Config, target: Path) -> BackupSummary:
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_tree(staging)
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return BackupSummary(target, rows, images)
 
 
