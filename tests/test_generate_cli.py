@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 from appliance.accounts import accounts
+from appliance.cli.main import cli
 
 from .live_server import LiveServer, free_port
 
@@ -18,6 +22,23 @@ from .live_server import LiveServer, free_port
 def live(make_config):
     with LiveServer(make_config()) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored() -> Iterator[None]:
+    """The command points the root logger at CliRunner's stderr, which closes after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def invoke(key: str | None, *args: str) -> tuple[int, str, str]:
+    """The command in this process, for what needs no server."""
+    env = {"AI_MEDIA_MAKER_API_KEY": key, "AI_MEDIA_MAKER_URL": None}
+    result = CliRunner(env=env).invoke(cli, ["generate", *args])
+    return result.exit_code, result.stdout, result.stderr
 
 
 def run(key: str | None, *args: str) -> tuple[int, str, str]:
@@ -72,19 +93,28 @@ def test_refusals_are_one_line_and_charge_nothing(live, tmp_path):
 
 
 def test_missing_key_and_unreachable_server_are_one_line(tmp_path):
-    code, out, err = run(None, "a", "--url", "http://127.0.0.1:9")
+    code, out, err = invoke(None, "a", "--url", "http://127.0.0.1:9")
     assert code == 1 and out == ""
     assert err.startswith("appliance: AI_MEDIA_MAKER_API_KEY is not set")
     assert err.count("\n") == 1
 
     url = f"http://127.0.0.1:{free_port()}"
-    code, out, err = run("wi_live_" + "0" * 64, "a", "--url", url, "--out", str(tmp_path))
+    code, out, err = invoke("wi_live_" + "0" * 64, "a", "--url", url, "--out", str(tmp_path))
     assert code == 1 and out == ""
     assert err.startswith(f"appliance: cannot reach the server at {url}: ")
     assert err.count("\n") == 1
 
 
-def test_bad_arguments_are_one_line():
-    code, out, err = run(None, "a", "--width", "wide")
-    assert code == 2 and out == ""
-    assert "'wide' is not a whole number" in err and err.count("\n") == 1
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("a", "--width", "wide"), "argument --width: 'wide' is not a whole number"),
+        (("a", "--guidance-scale", "high"),
+         "argument --guidance-scale: 'high' is not a valid float"),
+        ((), "the following arguments are required: PROMPT"),
+    ],
+)
+def test_bad_arguments_are_one_line(args, message):
+    code, out, err = invoke(None, *args)
+    assert (code, out) == (2, "")
+    assert err == f"appliance generate: {message} (see appliance generate --help)\n"

@@ -1,0 +1,155 @@
+"""What the `appliance` commands share: --config, errors as one line, whole numbers."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, Concatenate, ParamSpec
+
+import click
+
+from appliance.core.config import Config, ConfigError, load_config
+from appliance.core.database import ConnectionPool
+from appliance.core.errors import ApplianceError
+from appliance.runtime.logs import configure_logging
+
+P = ParamSpec("P")
+
+_CONFIG_FILE = "appliance.config_file"
+
+
+class CommandError(click.ClickException):
+    """A problem worded for the operator; printed as one line, exit status 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"appliance: {self.format_message()}", file=file, err=True)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error as one line naming the command, so that scripts log something readable."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        path = self.ctx.command_path if self.ctx else "appliance"
+        click.echo(f"{path}: {self.format_message()} (see {path} --help)", file=file, err=True)
+
+
+def _param_name(param: click.Parameter) -> str:
+    return "/".join(param.opts) if isinstance(param, click.Option) else param.human_readable_name
+
+
+def _one_line(error: click.UsageError) -> OneLineUsageError:
+    if isinstance(error, OneLineUsageError):
+        return error
+    # click ends its messages with a full stop; here the line goes on with "(see ...)".
+    message = error.format_message().rstrip(".")
+    if isinstance(error, click.MissingParameter) and error.param is not None:
+        message = f"the following arguments are required: {_param_name(error.param)}"
+    elif isinstance(error, click.BadParameter) and error.param is not None:
+        message = f"argument {_param_name(error.param)}: {error.message.rstrip('.')}"
+    elif isinstance(error, click.NoSuchOption):
+        message = f"unrecognized arguments: {error.option_name}"
+    return OneLineUsageError(message, error.ctx)
+
+
+class CommandGroup(click.Group):
+    """Commands listed in the order they were added; every usage error below it as one line.
+
+    `metavar` names the command in errors, as an argument would be: "the following
+    arguments are required: ACTION", "argument ACTION: invalid choice: ...".
+    """
+
+    def __init__(self, *, metavar: str = "ACTION", **kwargs: Any) -> None:
+        # invoke_without_command: a missing command reaches the end of invoke(), to be
+        # reported as a missing argument (click's own "Missing command." has no hook).
+        super().__init__(invoke_without_command=True, subcommand_metavar=f"{metavar} ...",
+                         **kwargs)
+        self.metavar = metavar
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            raise _one_line(error) from None
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if self.get_command(ctx, args[0]) is None:
+            choices = ", ".join(map(repr, self.commands))
+            raise OneLineUsageError(f"argument {self.metavar}: invalid choice: {args[0]!r}"
+                                    f" (choose from {choices})", ctx)
+        return super().resolve_command(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # A subcommand's usage errors come up through here: its parsing happens inside.
+        try:
+            result = super().invoke(ctx)
+        except click.UsageError as error:
+            raise _one_line(error) from None
+        if ctx.invoked_subcommand is None:
+            raise OneLineUsageError(f"the following arguments are required: {self.metavar}", ctx)
+        return result
+
+
+class WholeNumber(click.ParamType):
+    """What int() accepts ("12", " 7", "1_000", "-5")."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+
+
+WHOLE_NUMBER = WholeNumber()
+
+
+def _remember_config_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    # ctx.meta is shared by the whole command line, and the command's own --config is
+    # parsed after the one before it, so the command's wins.
+    if value is not None:
+        ctx.meta[_CONFIG_FILE] = value
+
+
+config_option = click.option(
+    "--config", type=click.Path(path_type=Path), metavar="FILE", expose_value=False,
+    callback=_remember_config_file,
+    help="config file (default: $APPLIANCE_CONFIG, else ./config.toml)")
+
+
+def pass_config(command: Callable[Concatenate[Config, P], None]) -> Callable[P, None]:
+    """Gives a command --config and calls it with the config loaded and logging set up.
+
+    Put it right above the function. ConfigError and ApplianceError become one line
+    and exit status 1; Ctrl-C, exit status 130.
+    """
+
+    @config_option
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        ctx = click.get_current_context()
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            config = load_config(ctx.meta.get(_CONFIG_FILE))
+            configure_logging(config.logging)
+            command(config, *args, **kwargs)
+        except (ConfigError, ApplianceError) as exc:
+            raise CommandError(str(exc)) from None
+        except (KeyboardInterrupt, click.Abort):
+            ctx.exit(130)
+
+    return run
+
+
+def connection_pool(config: Config) -> ConnectionPool:
+    return ConnectionPool(config.storage.database, config.storage.busy_timeout_seconds)

@@ -1,0 +1,68 @@
+"""`appliance keys`: the API keys an account's programs authenticate with."""
+
+from __future__ import annotations
+
+import click
+
+from appliance.accounts import accounts, audit, keys
+from appliance.cli.common import CommandGroup, connection_pool, pass_config
+from appliance.core.config import Config
+
+
+@click.group("keys", cls=CommandGroup)
+def group() -> None:
+    """manage API keys"""
+
+
+@group.command("create")
+@click.argument("email")
+@click.option("--name", required=True, help="a descriptive name, e.g. Production")
+@pass_config
+def create(config: Config, email: str, name: str) -> None:
+    """create an API key; prints it once, as the last line
+
+    EMAIL is the address of the account the key acts for.
+    """
+    db = connection_pool(config).db()
+    account = accounts.find_account(db, email)
+    info, raw = keys.create_key(db, account.id, name, audit.Actor.cli())
+    click.echo(f"created key {info.name!r} ({info.prefix}) for {account.email}.", err=True)
+    click.echo("Copy it now: it is shown only this once.", err=True)
+    click.echo(raw)
+
+
+@group.command("list")
+@click.argument("email")
+@pass_config
+def list_keys(config: Config, email: str) -> None:
+    """list an account's live keys
+
+    EMAIL is the account's address.
+    """
+    db = connection_pool(config).db()
+    account = accounts.find_account(db, email)
+    rows = [("NAME", "PREFIX", "LAST USED", "CREATED")] + [
+        (k.name, k.prefix, k.last_used_at or "never", k.created_at)
+        for k in keys.list_keys(db, account.id)
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
+
+
+@group.command("delete")
+@click.argument("email")
+@click.argument("prefix")
+@click.option("--name", help="the key's name, where two keys share a prefix")
+@pass_config
+def delete(config: Config, email: str, prefix: str, name: str | None) -> None:
+    """revoke a key, at once and for good
+
+    EMAIL is the account's address; PREFIX, the key's first 12 characters, as listed.
+    """
+    db = connection_pool(config).db()
+    account = accounts.find_account(db, email)
+    key = keys.delete_key(db, account.id, prefix, audit.Actor.cli(), name=name)
+    click.echo(f"deleted key {key.name!r} ({key.prefix}) of {account.email};"
+               " it is refused from now on")
