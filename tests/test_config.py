@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
 from appliance.core.config import (
+    BOUNDS,
     SETTINGS,
+    Between,
+    Bounds,
     Config,
     ConfigError,
+    MultipleBetween,
     apply_assignments,
     config_from_dict,
+    fill_bounds,
     load_config,
     parse_assignment,
     render_config_toml,
@@ -36,6 +42,107 @@ def test_every_setting_has_help_text() -> None:
     assert SETTINGS
     missing = [s.key for s in SETTINGS if not s.help.strip()]
     assert not missing, f"settings without help text (declare them with setting()): {missing}"
+
+
+@pytest.mark.parametrize(
+    ("check", "words"),
+    [
+        (Between(1, 10_080), "1 to 10080"),
+        (Between(1024, 1_073_741_824), "1024 to 1073741824"),
+        (Between(1.0, 86_400.0), "1 to 86400"),
+        (Between(0.0, 30.0), "0 to 30"),
+        (Between(0.0, 10.0), "0 to 10"),
+        (Between(0.5, 2.25), "0.5 to 2.25"),
+        (MultipleBetween(step=8, low=64, high=2048), "multiples of 8 from 64 to 2048"),
+    ],
+)
+def test_bounded_check_describes_its_range(check: Bounds, words: str) -> None:
+    assert check.describe() == str(check) == words
+    assert fill_bounds("Seconds ({bounds}).", check) == f"Seconds ({words})."
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "message"),
+    [
+        (Between(1, 65535), 0, "must be between 1 and 65535, got 0"),
+        (Between(1, 65535), 65536, "must be between 1 and 65535, got 65536"),
+        (Between(0.0, 600.0), 600.5, "must be between 0.0 and 600.0, got 600.5"),
+        (Between(0.0, 600.0), -1.0, "must be between 0.0 and 600.0, got -1.0"),
+        (MultipleBetween(step=8, low=64, high=2048), 500,
+         "must be a multiple of 8 between 64 and 2048, got 500"),
+        (MultipleBetween(step=8, low=64, high=2048), 56,
+         "must be a multiple of 8 between 64 and 2048, got 56"),
+        (MultipleBetween(step=8, low=64, high=2048), 2056,
+         "must be a multiple of 8 between 64 and 2048, got 2056"),
+    ],
+)
+def test_bounded_check_words_its_problem_as_before(check: Bounds, value: float,
+                                                   message: str) -> None:
+    assert check(value) == message
+    assert check(check.low) is None and check(check.high) is None
+
+
+def test_placeholder_without_bounds_is_refused() -> None:
+    with pytest.raises(ValueError, match="no bounds"):
+        fill_bounds("Seconds ({bounds}).", None)
+    assert fill_bounds("Seconds.", None) == "Seconds."
+
+
+def test_bounded_help_names_its_bounds_through_the_placeholder_once() -> None:
+    bounded = [s for s in SETTINGS if s.bounds is not None]
+    assert bounded
+    wrong = [s.key for s in bounded if s.help_template.count(BOUNDS) != 1]
+    assert not wrong, f"help of bounded settings must name {BOUNDS} exactly once: {wrong}"
+    unbounded = [s.key for s in SETTINGS if s.bounds is None and BOUNDS in s.help_template]
+    assert not unbounded, f"{BOUNDS} in the help of settings whose check has none: {unbounded}"
+    for s in bounded:
+        assert s.bounds is not None
+        assert s.help == s.help_template.replace(BOUNDS, s.bounds.describe())
+    assert BOUNDS not in render_config_toml()
+
+
+def _number_pattern(value: float) -> str:
+    """A number as help text might spell it: 10080, 10,080, 10_080, 10 080, 10080.0."""
+    if not float(value).is_integer():
+        return re.escape(repr(value))
+    digits = str(int(value))
+    groups = [digits[max(0, end - 3):end] for end in range(len(digits), 0, -3)][::-1]
+    return "[,_ ]?".join(groups) + r"(?:\.0+)?"
+
+
+def _spells_out(text: str, bounds: Bounds) -> bool:
+    """Whether `text` writes `bounds` as a literal range: "1 to 200", "between 1
+    and 200", "1-200", "0 (none) to 9"."""
+    low, high = (rf"(?<![\w.]){_number_pattern(n)}(?!\w|\.\d)" for n in (bounds.low, bounds.high))
+    link = r"(?:\bto\b|\band\b|\bthrough\b|\.\.|-|\u2013)"
+    return re.search(rf"{low}[^0-9]{{0,20}}?{link}[^0-9]{{0,20}}?{high}", text) is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "bounds", "spelled"),
+    [
+        ("Minutes after which a sign-in ends (1 to 10080).", Between(1, 10_080), True),
+        ("Minutes after which a sign-in ends (1 to 10,080).", Between(1, 10_080), True),
+        ("Denoising steps per image (1-200).", Between(1, 200), True),
+        ("Seconds, between 0.0 and 600.0.", Between(0.0, 600.0), True),
+        ("PNG compression level, 0 (none) to 9 (smallest files).", Between(0, 9), True),
+        ("Pixels: multiples of 8 from 64 to 2048.", MultipleBetween(step=8, low=64, high=2048),
+         True),
+        ("PNG compression level ({bounds}): 0 is none, 9 gives the smallest files.",
+         Between(0, 9), False),
+        ("Denoising steps per image (1 to 2000).", Between(1, 200), False),
+        ("Threads ({bounds}); 0 uses half the CPU cores, from 1 to 8.", Between(0, 64), False),
+    ],
+)
+def test_literal_range_is_recognised(text: str, bounds: Bounds, spelled: bool) -> None:
+    assert _spells_out(text, bounds) is spelled
+
+
+def test_no_help_text_spells_out_its_own_bounds() -> None:
+    spelled = [s.key for s in SETTINGS if s.bounds is not None
+               and (_spells_out(s.help_template, s.bounds) or _spells_out(s.heading, s.bounds))]
+    assert not spelled, (f"help texts that write their check's bounds by hand (name them as"
+                         f" {BOUNDS} instead): {spelled}")
 
 
 def test_shipped_config_loads_with_paths_resolved_against_its_folder():

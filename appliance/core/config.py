@@ -1,9 +1,11 @@
 """config.toml -> frozen dataclasses.
 
 Every setting is declared once, here, as a dataclass field made by `setting()`:
-its default, its check and its help text. The shipped config.toml is generated
-from these declarations (`render_config_toml`); after changing one, regenerate it
-with
+its default, its check and its help text. A check with a numeric range
+(`Between`, `MultipleBetween`) is the one statement of that range: the help
+text names it as {bounds}, filled in from the check wherever help is shown. The
+shipped config.toml is generated from these declarations (`render_config_toml`);
+after changing one, regenerate it with
 
     python -m appliance.core.config > config.toml
 
@@ -36,12 +38,80 @@ class ConfigError(Exception):
     """A config problem, worded as one line for the operator."""
 
 
+# Where a help text names its setting's bounds, which its check holds.
+BOUNDS = "{bounds}"
+
+
 def setting(default: Any, help: str, check: Check | None = None, *, heading: str = "") -> Any:
     """A section's field. The default's type is the type a value must have (a
     tuple: a list of names); `check` returns the problem with a value, worded to
     follow the key, or None; `help` documents it in config.toml, where `heading`,
-    if given, introduces it and the settings after it."""
+    if given, introduces it and the settings after it. When the check has bounds
+    (a `Bounds`), `help` names them once as {bounds} and never spells them out."""
     return field(default=default, metadata={"help": help, "check": check, "heading": heading})
+
+
+def _number(value: float) -> str:
+    """A bound as help text words it: 30.0 as "30", 1073741824 as is, 0.5 as "0.5"."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+class Bounds:
+    """A check with a numeric range: the one place that range is written down.
+    Calling it gives the problem with a value, or None; describe() gives the
+    range in the words a help text's {bounds} becomes."""
+
+    low: float
+    high: float
+
+    def __call__(self, value: Any) -> str | None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{_number(self.low)} to {_number(self.high)}"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+@dataclass(frozen=True)
+class Between(Bounds):
+    """A number from `low` to `high`, both included."""
+
+    low: float
+    high: float
+
+    def __call__(self, value: Any) -> str | None:
+        if not self.low <= value <= self.high:
+            return f"must be between {self.low} and {self.high}, got {value}"
+        return None
+
+
+@dataclass(frozen=True)
+class MultipleBetween(Bounds):
+    """A multiple of `step` from `low` to `high`, both included."""
+
+    step: int
+    low: int
+    high: int
+
+    def __call__(self, value: Any) -> str | None:
+        if value % self.step or not self.low <= value <= self.high:
+            return (f"must be a multiple of {self.step} between {self.low} and {self.high},"
+                    f" got {value}")
+        return None
+
+    def describe(self) -> str:
+        return f"multiples of {self.step} from {_number(self.low)} to {_number(self.high)}"
+
+
+def fill_bounds(help: str, check: Check | None) -> str:
+    """A help text as shown: its {bounds} replaced by its check's bounds."""
+    if BOUNDS not in help:
+        return help
+    if not isinstance(check, Bounds):
+        raise ValueError(f"help text names {BOUNDS} but its check has no bounds: {help!r}")
+    return help.replace(BOUNDS, check.describe())
 
 
 @dataclass(frozen=True)
@@ -51,7 +121,7 @@ class Setting:
     section: str
     name: str
     default: Any
-    help: str
+    help_template: str  # as declared: {bounds} stands for the check's bounds
     check: Check | None
     heading: str
 
@@ -59,14 +129,15 @@ class Setting:
     def key(self) -> str:
         return f"{self.section}.{self.name}"
 
+    @property
+    def bounds(self) -> Bounds | None:
+        """The check, when it has a numeric range."""
+        return self.check if isinstance(self.check, Bounds) else None
 
-def _between(low: float, high: float) -> Check:
-    def check(value: Any) -> str | None:
-        if not low <= value <= high:
-            return f"must be between {low} and {high}, got {value}"
-        return None
-
-    return check
+    @property
+    def help(self) -> str:
+        """The help text as shown, with the check's bounds filled in."""
+        return fill_bounds(self.help_template, self.check)
 
 
 def _one_of(*allowed: str) -> Check:
@@ -78,10 +149,7 @@ def _one_of(*allowed: str) -> Check:
     return check
 
 
-def _image_side(value: int) -> str | None:
-    if value % 8 or not 64 <= value <= 2048:
-        return f"must be a multiple of 8 between 64 and 2048, got {value}"
-    return None
+_IMAGE_SIDE = MultipleBetween(step=8, low=64, high=2048)
 
 
 def _not_empty(value: str) -> str | None:
@@ -109,7 +177,7 @@ class ServerConfig:
         "127.0.0.1",
         "Address to listen on. 127.0.0.1 serves this machine only; 0.0.0.0 serves the LAN.",
         _not_empty)
-    port: int = setting(8000, "TCP port of the API.", _between(1, 65535))
+    port: int = setting(8000, "TCP port of the API ({bounds}).", Between(1, 65535))
     allowed_hosts: str = setting(
         "",
         "Host names, besides the built-in ones, that requests may name in their Host header,"
@@ -128,10 +196,10 @@ class StorageConfig:
     database: Path = setting(Path("data/appliance.db"), "The SQLite database file.")
     busy_timeout_seconds: float = setting(
         10.0,
-        "Seconds a write waits for another writer (a backup, a CLI command) to finish (0 to"
-        " 600). Past it, an API request is answered 503 with Retry-After and nothing of it is"
-        " kept: no charge, no half-made job.",
-        _between(0.0, 600.0))
+        "Seconds a write waits for another writer (a backup, a CLI command) to finish"
+        " ({bounds}). Past it, an API request is answered 503 with Retry-After and nothing"
+        " of it is kept: no charge, no half-made job.",
+        Between(0.0, 600.0))
 
 
 @dataclass(frozen=True)
@@ -150,29 +218,29 @@ class ModelConfig:
 
 # Width and height share one comment in config.toml, as do each minimum and
 # maximum below: a help text equal to the previous setting's is not repeated.
-_SIZE_HELP = "Image width and height in pixels: multiples of 8 from 64 to 2048."
-_SIZE_BOUNDS_HELP = "Smallest and largest width or height: multiples of 8 from 64 to 2048."
-_STEPS_BOUNDS_HELP = "Fewest and most denoising steps (1 to 200)."
-_GUIDANCE_BOUNDS_HELP = "Lowest and highest guidance scale (0 to 30)."
+_SIZE_HELP = "Image width and height in pixels: {bounds}."
+_SIZE_BOUNDS_HELP = "Smallest and largest width or height: {bounds}."
+_STEPS_BOUNDS_HELP = "Fewest and most denoising steps ({bounds})."
+_GUIDANCE_BOUNDS_HELP = "Lowest and highest guidance scale ({bounds})."
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    width: int = setting(512, _SIZE_HELP, _image_side)
-    height: int = setting(512, _SIZE_HELP, _image_side)
-    steps: int = setting(25, "Denoising steps per image (1 to 200).", _between(1, 200))
+    width: int = setting(512, _SIZE_HELP, _IMAGE_SIDE)
+    height: int = setting(512, _SIZE_HELP, _IMAGE_SIDE)
+    steps: int = setting(25, "Denoising steps per image ({bounds}).", Between(1, 200))
     guidance_scale: float = setting(
-        7.5, "Classifier-free guidance scale (0 to 30; 1 or less turns guidance off).",
-        _between(0.0, 30.0))
+        7.5, "Classifier-free guidance scale ({bounds}; 1 or less turns guidance off).",
+        Between(0.0, 30.0))
     min_size: int = setting(
-        64, _SIZE_BOUNDS_HELP, _image_side,
+        64, _SIZE_BOUNDS_HELP, _IMAGE_SIDE,
         heading="The settings above are the defaults; a request may ask for others within"
                 " these bounds (a value outside them is refused with 400, never charged).")
-    max_size: int = setting(1024, _SIZE_BOUNDS_HELP, _image_side)
-    min_steps: int = setting(1, _STEPS_BOUNDS_HELP, _between(1, 200))
-    max_steps: int = setting(100, _STEPS_BOUNDS_HELP, _between(1, 200))
-    min_guidance_scale: float = setting(0.0, _GUIDANCE_BOUNDS_HELP, _between(0.0, 30.0))
-    max_guidance_scale: float = setting(20.0, _GUIDANCE_BOUNDS_HELP, _between(0.0, 30.0))
+    max_size: int = setting(1024, _SIZE_BOUNDS_HELP, _IMAGE_SIDE)
+    min_steps: int = setting(1, _STEPS_BOUNDS_HELP, Between(1, 200))
+    max_steps: int = setting(100, _STEPS_BOUNDS_HELP, Between(1, 200))
+    min_guidance_scale: float = setting(0.0, _GUIDANCE_BOUNDS_HELP, Between(0.0, 30.0))
+    max_guidance_scale: float = setting(20.0, _GUIDANCE_BOUNDS_HELP, Between(0.0, 30.0))
 
     def __post_init__(self) -> None:
         # The defaults must be requests the bounds allow.
@@ -188,44 +256,46 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    max_prompts_per_request: int = setting(100, "Most prompts one request may carry.",
-                                           _between(1, 10_000))
-    max_prompt_length: int = setting(1000, "Longest prompt, in characters.",
-                                     _between(1, 100_000))
+    max_prompts_per_request: int = setting(100, "Most prompts one request may carry ({bounds}).",
+                                           Between(1, 10_000))
+    max_prompt_length: int = setting(1000, "Longest prompt, in characters ({bounds}).",
+                                     Between(1, 100_000))
     max_request_bytes: int = setting(
         1_048_576,
-        "Largest request body in bytes (1024 to 1073741824); a larger one gets 413.",
-        _between(1024, 1_073_741_824))
+        "Largest request body in bytes ({bounds}); a larger one gets 413.",
+        Between(1024, 1_073_741_824))
     max_pending_images_per_account: int = setting(
         500,
-        "Most images one account may have waiting or generating at once; a request that"
-        " would go past it gets 429 with Retry-After and is not charged.",
-        _between(1, 10_000_000))
+        "Most images one account may have waiting or generating at once ({bounds}); a"
+        " request that would go past it gets 429 with Retry-After and is not charged.",
+        Between(1, 10_000_000))
     requests_per_minute_per_key: int = setting(
         600,
-        "Requests one API key may make per minute, in bursts of up to as many; past it"
-        " requests get 429 with Retry-After. 0 turns the limit off.",
-        _between(0, 1_000_000))
+        "Requests one API key may make per minute ({bounds}), in bursts of up to as many;"
+        " past it requests get 429 with Retry-After. 0 turns the limit off.",
+        Between(0, 1_000_000))
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     queue_capacity: int = setting(
-        1000, "Most images waiting in the queue; a request that would overflow it gets 503.",
-        _between(1, 10_000_000))
+        1000, "Most images waiting in the queue ({bounds}); a request that would overflow it"
+        " gets 503.",
+        Between(1, 10_000_000))
     batch_size: int = setting(
         8,
-        "Most images generated together in one pipeline call (1 to 256). Images of any jobs"
+        "Most images generated together in one pipeline call ({bounds}). Images of any jobs"
         " and accounts share a call when their settings (size, steps, guidance, negative"
         " prompt) are equal; accounts take turns, image by image, so one account's big job"
         " never holds back another's. Larger batches use a GPU better but need more GPU"
         " memory; lower it if batches run out of memory.",
-        _between(1, 256))
+        Between(1, 256))
     batch_window_seconds: float = setting(
         0.05,
-        "Seconds a batch may wait for more images of the same settings to arrive (0 to 10),"
-        " counted from when its oldest image was queued; a full batch starts at once.",
-        _between(0.0, 10.0))
+        "Seconds a batch may wait for more images of the same settings to arrive"
+        " ({bounds}), counted from when its oldest image was queued; a full batch starts at"
+        " once.",
+        Between(0.0, 10.0))
     devices: tuple[str, ...] | str = setting(
         (),
         "GPUs to run on, one worker (with its own copy of the model) each, all fed from one"
@@ -251,11 +321,11 @@ class EngineConfig:
                 "max-autotune-no-cudagraphs"))
     vae_decode_chunk: int = setting(
         8,
-        "Most images the VAE decodes at once on a GPU (0 to 256; 0 decodes a whole batch"
+        "Most images the VAE decodes at once on a GPU ({bounds}; 0 decodes a whole batch"
         " together). Decoding takes much memory at large sizes: lower it if big batches run"
         " out of GPU memory. The CPU always decodes one image at a time, which keeps its work"
         " in the CPU's caches and was fastest there.",
-        _between(0, 256))
+        Between(0, 256))
     tiny_vae: str = setting(
         "",
         "A folder holding a diffusers AutoencoderTiny (for example a copy of"
@@ -264,46 +334,47 @@ class EngineConfig:
         " model's own VAE. It is never downloaded.")
     png_compress_level: int = setting(
         1,
-        "PNG compression level, 0 (none) to 9 (smallest files). PNGs are lossless at every"
-        " level; 1 encodes a 512x512 photo about 2.5 times faster than 6 for files about 10%"
-        " larger.",
-        _between(0, 9))
+        "PNG compression level ({bounds}): 0 is none, 9 gives the smallest files. PNGs are"
+        " lossless at every level; 1 encodes a 512x512 photo about 2.5 times faster than 6"
+        " for files about 10% larger.",
+        Between(0, 9))
     png_threads: int = setting(
         0,
-        "Threads that encode and write the PNGs beside the GPU (0 to 64); 0 uses half the"
-        " CPU cores, from 1 to 8.",
-        _between(0, 64))
+        "Threads that encode and write the PNGs beside the GPU ({bounds}); 0 uses half"
+        " the CPU cores, from 1 to 8.",
+        Between(0, 64))
 
 
 @dataclass(frozen=True)
 class OpenAIConfig:
     wait_timeout: float = setting(
         300.0,
-        "Seconds POST /v1/images/generations waits for its images (1 to 86400). When they"
-        " are not ready by then it answers 504, cancels the images not yet started and"
+        "Seconds POST /v1/images/generations waits for its images ({bounds}). When"
+        " they are not ready by then it answers 504, cancels the images not yet started and"
         " refunds them; images already made stay in the job.",
-        _between(1.0, 86_400.0))
+        Between(1.0, 86_400.0))
 
 
 @dataclass(frozen=True)
 class ConsoleConfig:
     idle_timeout_minutes: int = setting(
-        60, "Minutes without a request after which a console sign-in ends (1 to 10080).",
-        _between(1, 10_080))
+        60, "Minutes without a request after which a console sign-in ends ({bounds}).",
+        Between(1, 10_080))
     absolute_timeout_hours: int = setting(
-        12, "Hours after which a console sign-in ends however active it is (1 to 720).",
-        _between(1, 720))
+        12, "Hours after which a console sign-in ends however active it is ({bounds}).",
+        Between(1, 720))
     signin_window_minutes: int = setting(
         15,
-        "Failed sign-ins are counted over this many minutes (1 to 1440); past either limit"
-        " below, signing in is refused until the oldest failure leaves the window.",
-        _between(1, 1440))
+        "Failed sign-ins are counted over this many minutes ({bounds}); past either"
+        " limit below, signing in is refused until the oldest failure leaves the window.",
+        Between(1, 1440))
     max_failed_signins_per_account: int = setting(
-        5, "Failed sign-ins allowed per account (a successful sign-in resets its count).",
-        _between(1, 1000))
+        5, "Failed sign-ins allowed per account ({bounds}; a successful sign-in resets its"
+        " count).",
+        Between(1, 1000))
     max_failed_signins_per_address: int = setting(
-        20, "Failed sign-ins allowed per client address, whatever the accounts.",
-        _between(1, 100_000))
+        20, "Failed sign-ins allowed per client address, whatever the accounts ({bounds}).",
+        Between(1, 100_000))
     secure_cookies: bool = setting(
         False,
         "Mark the console's cookies Secure even on plain HTTP requests. Requests that arrive"
@@ -314,26 +385,26 @@ class ConsoleConfig:
 @dataclass(frozen=True)
 class HousekeepingConfig:
     audit_retention_days: int = setting(
-        90, "Audit rows older than this many days are deleted (1 to 36500).",
-        _between(1, 36_500),
+        90, "Audit rows older than this many days are deleted ({bounds}).",
+        Between(1, 36_500),
         heading="The scheduler runs these clean-ups at startup and then daily.")
     image_retention_days: int = setting(
         0,
-        "Finished jobs older than this many days are deleted with their images (rows and PNG"
-        " files); the credit ledger keeps its rows. 0 keeps them forever.",
-        _between(0, 36_500))
+        "Finished jobs older than this many days ({bounds}) are deleted with their images"
+        " (rows and PNG files); the credit ledger keeps its rows. 0 keeps them forever.",
+        Between(0, 36_500))
 
 
 @dataclass(frozen=True)
 class HealthConfig:
     worker_stall_seconds: int = setting(
         600,
-        "Seconds the engine worker may spend on one batch before it counts as hung (1 to"
-        " 86400); keep it above the longest batch your GPU takes plus"
+        "Seconds the engine worker may spend on one batch before it counts as hung"
+        " ({bounds}); keep it above the longest batch your GPU takes plus"
         " engine.batch_window_seconds (a value not above that window is refused). A hung"
         " worker fails /readyz and, under systemd, stops feeding the watchdog, so systemd"
         " restarts the service.",
-        _between(1, 86_400))
+        Between(1, 86_400))
 
 
 @dataclass(frozen=True)
