@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from appliance.accounts import accounts, audit
+from appliance.accounts.audit import Actor
 from appliance.cli.common import (
     WHOLE_NUMBER,
     CommandError,
     CommandGroup,
-    connection_pool,
+    account_services,
     pass_config,
 )
 from appliance.core.config import Config
@@ -49,8 +49,8 @@ def create(config: Config, email: str, admin: bool, credits: int, password_stdin
     if credits < 0:
         raise CommandError("--credits cannot be negative")
     password = _read_password(password_stdin)
-    database = connection_pool(config)
-    account = accounts.create_account(database.db(), email, password, audit.Actor.cli(),
-                                      is_admin=admin, credits=credits)
+    account_service, _ = account_services(config)
+    account = account_service.create(email, password, Actor.cli(), is_admin=admin,
+                                     credits=credits)
     role = "admin" if account.is_admin else "user"
     click.echo(f"created {role} account {account.email} with {account.credits} credits")

@@ -10,9 +10,11 @@ from typing import IO, Any, Concatenate, ParamSpec
 
 import click
 
+from appliance.accounts.service import AccountService, KeyService
 from appliance.core.config import Config, ConfigError, load_config
 from appliance.core.database import ConnectionPool
 from appliance.core.errors import ApplianceError
+from appliance.core.numbers import whole_number
 from appliance.runtime.logs import configure_logging
 
 P = ParamSpec("P")
@@ -105,9 +107,9 @@ class WholeNumber(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return int(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a whole number", param, ctx)
+            return whole_number(value)
+        except ValueError as problem:
+            self.fail(str(problem), param, ctx)
 
 
 WHOLE_NUMBER = WholeNumber()
@@ -153,3 +155,9 @@ def pass_config(command: Callable[Concatenate[Config, P], None]) -> Callable[P, 
 
 def connection_pool(config: Config) -> ConnectionPool:
     return ConnectionPool(config.storage.database, config.storage.busy_timeout_seconds)
+
+
+def account_services(config: Config) -> tuple[AccountService, KeyService]:
+    """The services the account and key commands call, on one connection."""
+    database = connection_pool(config)
+    return AccountService(database), KeyService(database)

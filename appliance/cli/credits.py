@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from appliance.accounts import accounts, audit
-from appliance.cli.common import WHOLE_NUMBER, CommandGroup, connection_pool, pass_config
+from appliance.accounts.audit import Actor
+from appliance.cli.common import WHOLE_NUMBER, CommandGroup, account_services, pass_config
 from appliance.core.config import Config
 
 
@@ -25,7 +25,6 @@ def grant(config: Config, email: str, amount: int, reason: str) -> None:
 
     EMAIL is the account's address, AMOUNT the number of credits.
     """
-    database = connection_pool(config)
-    balance = accounts.grant_credits(database.db(), email, amount, audit.Actor.cli(),
-                                     reason=reason)
+    accounts, _ = account_services(config)
+    balance = accounts.grant_credits(email, amount, Actor.cli(), reason=reason)
     click.echo(f"{email.strip().lower()} now has {balance} credits")

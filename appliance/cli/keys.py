@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from appliance.accounts import accounts, audit, keys
-from appliance.cli.common import CommandGroup, connection_pool, pass_config
+from appliance.accounts.audit import Actor
+from appliance.cli.common import CommandGroup, account_services, pass_config
 from appliance.core.config import Config
 
 
@@ -23,9 +23,9 @@ def create(config: Config, email: str, name: str) -> None:
 
     EMAIL is the address of the account the key acts for.
     """
-    db = connection_pool(config).db()
-    account = accounts.find_account(db, email)
-    info, raw = keys.create_key(db, account.id, name, audit.Actor.cli())
+    accounts, keys = account_services(config)
+    account = accounts.find(email)
+    info, raw = keys.create(account.id, name, Actor.cli())
     click.echo(f"created key {info.name!r} ({info.prefix}) for {account.email}.", err=True)
     click.echo("Copy it now: it is shown only this once.", err=True)
     click.echo(raw)
@@ -39,11 +39,11 @@ def list_keys(config: Config, email: str) -> None:
 
     EMAIL is the account's address.
     """
-    db = connection_pool(config).db()
-    account = accounts.find_account(db, email)
+    accounts, keys = account_services(config)
+    account = accounts.find(email)
     rows = [("NAME", "PREFIX", "LAST USED", "CREATED")] + [
         (k.name, k.prefix, k.last_used_at or "never", k.created_at)
-        for k in keys.list_keys(db, account.id)
+        for k in keys.live(account.id)
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
@@ -61,8 +61,8 @@ def delete(config: Config, email: str, prefix: str, name: str | None) -> None:
 
     EMAIL is the account's address; PREFIX, the key's first 12 characters, as listed.
     """
-    db = connection_pool(config).db()
-    account = accounts.find_account(db, email)
-    key = keys.delete_key(db, account.id, prefix, audit.Actor.cli(), name=name)
+    accounts, keys = account_services(config)
+    account = accounts.find(email)
+    key = keys.delete(account.id, prefix, Actor.cli(), name=name)
     click.echo(f"deleted key {key.name!r} ({key.prefix}) of {account.email};"
                " it is refused from now on")

@@ -13,6 +13,7 @@ from appliance.accounts.accounts import Account
 from appliance.accounts.audit import Actor, AuditFilter, to_csv, to_json
 from appliance.core.clock import utc_now
 from appliance.core.errors import ApplianceError, BadRequest
+from appliance.core.numbers import whole_number
 from appliance.web.console.pages import Form, flash, take_flash
 from appliance.web.console.rendering import page
 from appliance.web.console.security import actor, admins_only
@@ -35,9 +36,9 @@ class CreditsForm:
     reason: str = ""
 
 
-def whole_number(text: str, what: str) -> int:
+def form_number(text: str, what: str) -> int:
     try:
-        return int(text.strip())
+        return whole_number(text.strip())
     except ValueError:
         raise BadRequest(f"{what} must be a whole number, not {text!r}") from None
 
@@ -63,7 +64,7 @@ class AdminPages(Controller):
         try:
             created = accounts.create(
                 data.email, data.password, admin_actor(request), is_admin=data.admin == "on",
-                credits=whole_number(data.credits or "0", "Credits"))
+                credits=form_number(data.credits or "0", "Credits"))
         except ApplianceError as exc:
             return self._accounts_page(request, accounts, status_code=exc.status,
                                        error=exc.message, form=data)
@@ -99,7 +100,7 @@ class AdminPages(Controller):
                 data: Annotated[CreditsForm, Form], accounts: Accounts) -> Template | Redirect:
         try:
             account = accounts.get(account_id)
-            amount = whole_number(data.amount, "The amount")
+            amount = form_number(data.amount, "The amount")
             reason = data.reason.strip()
             if not reason:
                 raise BadRequest("Say why, for the ledger: the reason is required")
