@@ -12,8 +12,8 @@ from appliance.bench import (
     BenchOptions,
     append_markdown,
     architecture,
+    bench_config,
     markdown_row,
-    options_from,
     server_sections,
     serving,
     tflop_per_image,
@@ -70,23 +70,21 @@ def sd15_folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def options(model: Path, **changes) -> BenchOptions:
-    values = dict(model=model, device="cuda", dtype="auto", width=512, height=512, steps=25,
-                  guidance=7.5, batch_size=16, batch_window=0.05, compile="off",
-                  vae_decode_chunk=8, png_compress_level=1, png_threads=0, devices=(),
-                  tiny_vae="", channels_last=True, images=256, baseline_images=16, clients=4,
-                  job_size=16, peak_tflops=790.0)
-    return BenchOptions(**{**values, **changes})
+def settings(model: Path, **generation) -> object:
+    return config_from_dict({"model": {"path": str(model)},
+                             "generation": {"width": 512, "height": 512, "steps": 25,
+                                            "guidance_scale": 7.5, **generation}},
+                            base_dir=model)
 
 
 def test_compute_is_counted_for_sd15_at_512_only(tmp_path, tiny_model):
     model = sd15_folder(tmp_path)
     assert architecture(model) == "sd15" and architecture(tiny_model) == "tiny"
     # 25 steps with guidance: 50 UNet forwards of 0.8 TFLOP, and one 2.5 TFLOP decode.
-    assert tflop_per_image(options(model)) == pytest.approx(42.5)
-    assert tflop_per_image(options(model, steps=1, guidance=0.0)) == pytest.approx(3.3)
-    assert tflop_per_image(options(model, width=768)) is None
-    assert tflop_per_image(options(tiny_model)) is None
+    assert tflop_per_image(settings(model)) == pytest.approx(42.5)
+    assert tflop_per_image(settings(model, steps=1, guidance_scale=0.0)) == pytest.approx(3.3)
+    assert tflop_per_image(settings(model, width=768)) is None
+    assert tflop_per_image(settings(tiny_model)) is None
 
 
 def test_rows_go_under_one_table_header(tmp_path):
@@ -117,7 +115,11 @@ def test_rows_go_under_one_table_header(tmp_path):
     ("arguments", "message"),
     [
         (["--images", "0"], "--images must be at least 1"),
-        (["--width", "500"], "--width must be a multiple of 8 from 64 to 2048, got 500"),
+        (["--width", "500"], "generation.width must be a multiple of 8 between 64 and 2048,"
+                             " got 500"),
+        (["--set", "engine.batch_size=0"], "engine.batch_size must be between 1 and 256, got 0"),
+        (["--set", "engine.batch_sise=8"], "unknown key engine.batch_sise"),
+        (["--steps", "many"], "generation.steps must be an integer, got 'many'"),
         (["--model", "{tmp}/nowhere"], "nowhere is not a diffusers model folder"),
         (["--poll-seconds", "0"], "--poll-seconds must be from 0.01 to 60, got 0.0"),
     ],
@@ -141,12 +143,18 @@ def test_peak_gpu_memory_is_read_from_the_servers_shutdown_log():
     assert serving.peak_gpu_memory_gib("level=info msg=\"Application shutdown complete.\"") is None
 
 
-def test_a_relative_model_path_reaches_the_server_absolute(tmp_path, monkeypatch):
+def test_the_server_gets_the_benchmarks_settings_with_paths_absolute(tmp_path):
     # The server's config file lives in a folder of its own.
-    monkeypatch.chdir(tmp_path)
-    config = config_from_dict({}, base_dir=tmp_path)
-    chosen = options_from(config, model=Path("models/mine"), images=1, baseline_images=1,
-                          clients=1, job_size=1, peak_tflops=1.0)
-    assert chosen.model == tmp_path / "models" / "mine"
+    config_file = tmp_path / "config.toml"
+    config_file.write_text('[model]\npath = "models/mine"\n[engine]\nbatch_size = 4\n')
+    config = bench_config(config_file, ["engine.batch_size=16", "generation.steps=150"])
+    chosen = BenchOptions(config, images=1, baseline_images=1, clients=1, job_size=1,
+                          peak_tflops=1.0)
     sections = server_sections(chosen, tmp_path / "work", 8000)
-    assert sections["model"]["path"] == tmp_path / "models" / "mine"
+    assert sections["model"]["path"] == str(tmp_path / "models" / "mine")
+    # Every engine setting travels, the last assignment winning over the file.
+    assert sections["engine"]["batch_size"] == 16
+    assert set(sections["engine"]) >= {"compile", "channels_last", "vae_decode_chunk"}
+    # A default outside the file's request bounds still makes a server that starts.
+    assert sections["generation"]["steps"] == 150
+    assert config_from_dict(sections, base_dir=tmp_path).generation.max_steps >= 150

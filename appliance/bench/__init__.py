@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from appliance.bench import serving
-from appliance.core.config import SECTIONS, Config
+from appliance.core.config import (
+    Config,
+    apply_assignments,
+    config_from_dict,
+    declared,
+    read_config_file,
+)
 from appliance.core.devices import ALL, resolve_devices
 from appliance.engine.diffusers_generator import ensure_model, setting_path
 from appliance.engine.gpu import cuda_devices
@@ -42,22 +48,10 @@ STYLES = ["at sunset, oil painting", "in the rain, photograph", "watercolor",
 
 @dataclass(frozen=True)
 class BenchOptions:
-    model: Path
-    device: str
-    dtype: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    batch_size: int
-    batch_window: float
-    compile: str
-    vae_decode_chunk: int
-    png_compress_level: int
-    png_threads: int
-    devices: tuple[str, ...] | str
-    tiny_vae: str
-    channels_last: bool
+    """What the benchmark decides itself. The model, image and engine settings are the
+    config's (bench_config), so both sides run exactly what the appliance would."""
+
+    config: Config
     images: int
     baseline_images: int
     clients: int
@@ -65,6 +59,24 @@ class BenchOptions:
     peak_tflops: float
     poll_seconds: float = 1.0
     startup_timeout: float = 3600.0
+
+
+def bench_config(source: Path | None, assignments: list[str]) -> Config:
+    """The config file's settings (none: the defaults) with `assignments`
+    ("section.key=value") applied, and room for whatever defaults they ask for."""
+    raw, base_dir, found = read_config_file(source)
+    raw = apply_assignments(raw, assignments)
+    # The server takes requests within the widest bounds the declaration allows, so
+    # that any default size, step count or guidance asked for here is one it accepts.
+    generation = raw.setdefault("generation", {})
+    for low, high, of in (("min_size", "max_size", "generation.width"),
+                          ("min_steps", "max_steps", "generation.steps"),
+                          ("min_guidance_scale", "max_guidance_scale",
+                           "generation.guidance_scale")):
+        bounds = declared(of).bounds
+        assert bounds is not None
+        generation[low], generation[high] = bounds.low, bounds.high
+    return config_from_dict(raw, base_dir=base_dir, source=found)
 
 
 def bench_prompts(count: int) -> list[str]:
@@ -87,29 +99,34 @@ def architecture(model: Path) -> str:
     return "other"
 
 
-def tflop_per_image(options: BenchOptions) -> float | None:
+def tflop_per_image(config: Config) -> float | None:
     """The SD 1.5 figures hold at 512x512 only; None elsewhere."""
-    if architecture(options.model) != "sd15" or (options.width, options.height) != (512, 512):
+    generation = config.generation
+    if architecture(config.model.path) != "sd15" or (generation.width, generation.height) != (
+            512, 512):
         return None
-    forwards = options.steps * (2 if options.guidance > 1 else 1)
+    forwards = generation.steps * (2 if generation.guidance_scale > 1 else 1)
     return forwards * SD15_UNET_TFLOP + SD15_VAE_DECODE_TFLOP
 
 
-def resolved_devices(options: BenchOptions) -> list[str]:
+def resolved_devices(config: Config) -> list[str]:
     """The appliance's devices, a worker each, as engine.worker_devices finds them."""
-    count = len(cuda_devices()) if options.devices == ALL else 0
-    return resolve_devices(options.devices, options.device, count)
+    devices = config.engine.devices
+    count = len(cuda_devices()) if devices == ALL else 0
+    return resolve_devices(devices, config.model.device, count)
 
 
 def run_baseline(options: BenchOptions, work: Path) -> dict[str, Any]:
     prompts_file = work / "baseline-prompts.json"
     prompts_file.write_text(json.dumps(bench_prompts(options.baseline_images)))
+    config, generation = options.config, options.config.generation
     # The plain loop has one device: the appliance's first.
-    command = [sys.executable, "-m", "appliance.bench.baseline", "--model", str(options.model),
-               "--device", resolved_devices(options)[0], "--dtype", options.dtype,
-               "--width", str(options.width), "--height", str(options.height),
-               "--steps", str(options.steps), "--guidance", str(options.guidance),
-               "--compress-level", str(options.png_compress_level),
+    command = [sys.executable, "-m", "appliance.bench.baseline",
+               "--model", str(config.model.path), "--device", resolved_devices(config)[0],
+               "--dtype", config.model.dtype,
+               "--width", str(generation.width), "--height", str(generation.height),
+               "--steps", str(generation.steps), "--guidance", str(generation.guidance_scale),
+               "--compress-level", str(config.engine.png_compress_level),
                "--prompts-file", str(prompts_file), "--out", str(work / "baseline")]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -117,35 +134,39 @@ def run_baseline(options: BenchOptions, work: Path) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def section_values(section: Any) -> dict[str, Any]:
+    """A config section's settings as a config file writes them."""
+    def as_written(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        return list(value) if isinstance(value, tuple) else value
+
+    return {field.name: as_written(getattr(section, field.name))
+            for field in dataclasses.fields(section)}
+
+
 def server_sections(options: BenchOptions, work: Path, port: int) -> dict[str, dict[str, Any]]:
-    """The server's config: the options given, room for every job, no per-key throttling."""
+    """The server's config: the benchmark's model, generation and engine settings, its data
+    in `work`, room for every job, no per-key throttling."""
+    config = options.config
     total = options.images + 1
-    sections: dict[str, dict[str, Any]] = {
+    engine = section_values(config.engine)
+    if config.engine.tiny_vae:
+        # The server's config lives in another folder: a relative path would point elsewhere.
+        engine["tiny_vae"] = str(setting_path(config, config.engine.tiny_vae))
+    engine["queue_capacity"] = max(config.engine.queue_capacity, total)
+    return {
         "server": {"host": "127.0.0.1", "port": port},
-        "storage": {"data_dir": work / "data", "database": work / "data" / "appliance.db"},
-        "model": {"path": options.model, "device": options.device, "dtype": options.dtype},
-        "generation": {
-            "width": options.width, "height": options.height, "steps": options.steps,
-            "guidance_scale": options.guidance,
-            "min_size": min(64, options.width, options.height),
-            "max_size": max(1024, options.width, options.height),
-            "min_steps": 1, "max_steps": max(100, options.steps),
-            "min_guidance_scale": 0.0, "max_guidance_scale": max(20.0, options.guidance),
-        },
-        "limits": {"max_prompts_per_request": max(100, options.job_size),
+        "storage": {"data_dir": str(work / "data"),
+                    "database": str(work / "data" / "appliance.db")},
+        "model": section_values(config.model),
+        "generation": section_values(config.generation),
+        "limits": {"max_prompts_per_request": max(config.limits.max_prompts_per_request,
+                                                  options.job_size),
                    "max_pending_images_per_account": total,
                    "requests_per_minute_per_key": 0},
-        "engine": {"queue_capacity": max(1000, total), "batch_size": options.batch_size,
-                   "batch_window_seconds": options.batch_window, "devices": options.devices,
-                   "channels_last": options.channels_last, "compile": options.compile,
-                   "vae_decode_chunk": options.vae_decode_chunk, "tiny_vae": options.tiny_vae,
-                   "png_compress_level": options.png_compress_level,
-                   "png_threads": options.png_threads},
+        "engine": engine,
     }
-    # Only settings this version knows: an unknown key would stop the server.
-    known = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
-    return {name: {key: value for key, value in values.items() if key in known[name]}
-            for name, values in sections.items() if name in known}
 
 
 def run_appliance(options: BenchOptions, work: Path) -> dict[str, Any]:
@@ -175,34 +196,36 @@ def run_appliance(options: BenchOptions, work: Path) -> dict[str, Any]:
 
 
 def run_benchmark(options: BenchOptions) -> dict[str, Any]:
-    ensure_model(options.model)
+    config = options.config
+    generation, engine, model = config.generation, config.engine, config.model.path
+    ensure_model(model)
     work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
     try:
         baseline = run_baseline(options, work)
         appliance = run_appliance(options, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    compute = tflop_per_image(options)
+    compute = tflop_per_image(config)
     on_cpu = baseline["device"] == "cpu"
-    devices = resolved_devices(options)
+    devices = resolved_devices(config)
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "device": baseline["device_name"],
         # One device: the one the plain loop found for "auto" too.
         "devices": devices if len(devices) > 1 else [baseline["device"]],
-        "model": _shown(options.model),
-        "architecture": architecture(options.model),
+        "model": _shown(model),
+        "architecture": architecture(model),
         "pipeline": baseline["pipeline"],
         "dtype": baseline["dtype"],
-        "width": options.width,
-        "height": options.height,
-        "steps": options.steps,
-        "guidance_scale": options.guidance,
-        "batch_size": options.batch_size,
-        "batch_window_seconds": options.batch_window,
-        "compile": options.compile,
-        "tiny_vae": bool(options.tiny_vae),
-        "png_compress_level": options.png_compress_level,
+        "width": generation.width,
+        "height": generation.height,
+        "steps": generation.steps,
+        "guidance_scale": generation.guidance_scale,
+        "batch_size": engine.batch_size,
+        "batch_window_seconds": engine.batch_window_seconds,
+        "compile": engine.compile,
+        "tiny_vae": bool(engine.tiny_vae),
+        "png_compress_level": engine.png_compress_level,
         "clients": options.clients,
         "job_size": options.job_size,
         "poll_seconds": options.poll_seconds,
@@ -311,40 +334,15 @@ def append_markdown(path: Path, result: dict[str, Any]) -> None:
 
 
 def check_options(options: BenchOptions) -> str | None:
-    """What is wrong with the options, in one line; None when nothing is."""
-    for name in ("images", "baseline_images", "clients", "job_size", "batch_size", "steps"):
+    """What is wrong with the benchmark's own options, in one line; None when nothing is.
+
+    The settings were checked when the config was made (bench_config).
+    """
+    for name in ("images", "baseline_images", "clients", "job_size"):
         if getattr(options, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    for name in ("width", "height"):
-        value = getattr(options, name)
-        if value % 8 or not 64 <= value <= 2048:
-            return f"--{name} must be a multiple of 8 from 64 to 2048, got {value}"
-    if not 0 <= options.png_compress_level <= 9:
-        return f"--png-compress-level must be 0 to 9, got {options.png_compress_level}"
-    if options.peak_tflops <= 0 or options.guidance < 0 or options.batch_window < 0:
-        return "--peak-tflops must be positive, --guidance and --batch-window not negative"
+    if options.peak_tflops <= 0:
+        return f"--peak-tflops must be positive, got {options.peak_tflops:g}"
     if not 0.01 <= options.poll_seconds <= 60:
         return f"--poll-seconds must be from 0.01 to 60, got {options.poll_seconds}"
-    if not (options.model / "model_index.json").is_file() and options.model.exists():
-        return f"{options.model} is not a diffusers model folder (no model_index.json)"
     return None
-
-
-def options_from(config: Config, **overrides: Any) -> BenchOptions:
-    """The config's model, generation and engine settings, with `overrides` (None: keep)."""
-    engine, generation, model = config.engine, config.generation, config.model
-    values: dict[str, Any] = {
-        "model": model.path, "device": model.device, "dtype": model.dtype,
-        "width": generation.width, "height": generation.height, "steps": generation.steps,
-        "guidance": generation.guidance_scale, "batch_size": engine.batch_size,
-        "batch_window": engine.batch_window_seconds, "compile": engine.compile,
-        "vae_decode_chunk": engine.vae_decode_chunk,
-        "png_compress_level": engine.png_compress_level, "png_threads": engine.png_threads,
-        "devices": engine.devices,
-        "tiny_vae": str(setting_path(config, engine.tiny_vae)) if engine.tiny_vae else "",
-        "channels_last": engine.channels_last,
-    }
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    # The server's config lives in another folder: a relative path would point elsewhere.
-    values["model"] = Path(values["model"]).resolve()
-    return BenchOptions(**values)

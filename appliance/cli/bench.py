@@ -1,9 +1,16 @@
-"""`appliance bench`: the plain diffusers loop against the appliance, on one model."""
+"""`appliance bench`: the plain diffusers loop against the appliance, on one model.
+
+Every appliance setting comes from the config file, changed with `--set
+section.key=value` or a shorthand such as `--steps 1` (generation.steps): the
+shorthands only name settings, whose types, bounds and help are those of
+their declaration in core/config.py.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,37 +18,56 @@ from typing import Any
 import click
 
 from appliance.cli.common import WHOLE_NUMBER, CommandError, pass_config
-from appliance.core.config import Config
+from appliance.core.config import Config, ConfigError, declared
+
+# Shorthand option -> the setting it sets.
+SHORTHANDS = {
+    "model": "model.path",
+    "device": "model.device",
+    "devices": "engine.devices",
+    "dtype": "model.dtype",
+    "width": "generation.width",
+    "height": "generation.height",
+    "steps": "generation.steps",
+    "guidance": "generation.guidance_scale",
+    "batch_size": "engine.batch_size",
+    "batch_window": "engine.batch_window_seconds",
+    "compile": "engine.compile",
+    "vae_decode_chunk": "engine.vae_decode_chunk",
+    "tiny_vae": "engine.tiny_vae",
+    "png_compress_level": "engine.png_compress_level",
+    "png_threads": "engine.png_threads",
+}
+# Folders given on the command line are relative to where it runs, not to the config file.
+PATH_SHORTHANDS = {"model", "tiny_vae"}
+
+
+def _shorthand_options(command: Callable[..., None]) -> Callable[..., None]:
+    for name, key in reversed(SHORTHANDS.items()):
+        setting = declared(key)
+        first_sentence = setting.help.split(". ")[0].rstrip(".")
+        command = click.option(f"--{name.replace('_', '-')}", metavar="VALUE",
+                               help=f"sets {key}: {first_sentence}")(command)
+    return command
+
+
+def assignments(shorthands: dict[str, str | None], sets: tuple[str, ...]) -> list[str]:
+    """Every setting the command line changes, as "section.key=value"; --set comes last."""
+    given = []
+    for name, value in shorthands.items():
+        if value is None:
+            continue
+        if name in PATH_SHORTHANDS and value:
+            value = str(Path(value).resolve())
+        given.append(f"{SHORTHANDS[name]}={value}")
+    return [*given, *sets]
 
 
 @click.command("bench")
-@click.option("--model", type=click.Path(path_type=Path), metavar="DIR",
-              help="model folder (default: model.path)")
-@click.option("--device", help="auto, cpu, cuda or cuda:N (default: model.device)")
-@click.option("--devices", help="the appliance's GPUs: all, or cuda:0,cuda:1,..."
-                                " (default: engine.devices)")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              help="the weights' precision (default: model.dtype)")
-@click.option("--width", type=WHOLE_NUMBER, help="pixels (default: generation.width)")
-@click.option("--height", type=WHOLE_NUMBER, help="pixels (default: generation.height)")
-@click.option("--steps", type=WHOLE_NUMBER, help="denoising steps (default: generation.steps)")
-@click.option("--guidance", type=float, metavar="SCALE",
-              help="guidance scale (default: generation.guidance_scale)")
-@click.option("--batch-size", type=WHOLE_NUMBER, metavar="N",
-              help="images per batch (default: engine.batch_size)")
-@click.option("--batch-window", type=float, metavar="SECONDS",
-              help="how long a batch waits to fill (default: engine.batch_window_seconds)")
-@click.option("--compile", type=click.Choice(["off", "default", "reduce-overhead", "max-autotune",
-                                              "max-autotune-no-cudagraphs"]),
-              help="torch.compile mode (default: engine.compile)")
-@click.option("--vae-decode-chunk", type=WHOLE_NUMBER, metavar="N",
-              help="images the VAE decodes at once (default: engine.vae_decode_chunk)")
-@click.option("--tiny-vae", type=click.Path(resolve_path=True), metavar="DIR",
-              help="a folder with an AutoencoderTiny")
-@click.option("--png-compress-level", type=WHOLE_NUMBER, metavar="LEVEL",
-              help="0 to 9 (default: engine.png_compress_level)")
-@click.option("--png-threads", type=WHOLE_NUMBER, metavar="N",
-              help="threads encoding PNGs (default: engine.png_threads)")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="change one setting of the config file for both sides, e.g."
+                   " --set engine.batch_size=16 (repeatable; paths relative to the config file)")
+@_shorthand_options
 @click.option("--images", type=WHOLE_NUMBER, default=64, metavar="N",
               help="images the appliance makes (default: 64)")
 @click.option("--baseline-images", type=WHOLE_NUMBER, default=8, metavar="N",
@@ -62,24 +88,31 @@ from appliance.core.config import Config
               metavar="FILE", help="table to append a row to (default: BENCHMARKS.md)")
 @click.option("--no-record", is_flag=True, help="only print the figures")
 @pass_config
-def bench(config: Config, model: Path | None, devices: str | None, json_file: Path | None,
-          markdown: Path, no_record: bool, **overrides: Any) -> None:
+def bench(config: Config, sets: tuple[str, ...], images: int, baseline_images: int,
+          clients: int, job_size: int, poll_seconds: float, peak_tflops: float,
+          json_file: Path | None, markdown: Path, no_record: bool, **shorthands: Any) -> None:
     """time the plain diffusers loop against the appliance end to end, on the same model and
-    settings (defaults: the config's); see BENCHMARKS.md"""
+    settings (the config file's, changed with --set or the shorthands); see BENCHMARKS.md"""
     from appliance.bench import (
+        BenchOptions,
         append_markdown,
+        bench_config,
         check_options,
-        options_from,
         report_lines,
         run_benchmark,
     )
 
-    gpus: str | tuple[str, ...] | None = devices
-    if devices and devices != "all":
-        gpus = tuple(name.strip() for name in devices.split(",") if name.strip())
-    options = options_from(config, model=model, devices=gpus, **overrides)
+    changes = assignments(shorthands, sets)
+    try:
+        settings = bench_config(config.source, changes)
+    except ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    options = BenchOptions(settings, images, baseline_images, clients, job_size, peak_tflops,
+                           poll_seconds)
     problem = check_options(options)
-    if model and not (model / "model_index.json").is_file():
+    model = settings.model.path
+    if any(change.startswith("model.path=") for change in changes) \
+            and not (model / "model_index.json").is_file():
         # Only the configured model.path is made (the demo model) when missing.
         problem = f"{model} is not a diffusers model folder (no model_index.json)"
     if problem:

@@ -472,12 +472,15 @@ def find_config_file(explicit: str | os.PathLike[str] | None) -> tuple[Path, boo
     return Path("config.toml"), False
 
 
-def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+def read_config_file(explicit: str | os.PathLike[str] | None = None
+                     ) -> tuple[dict[str, Any], Path, Path | None]:
+    """The config file's tables, the folder its relative paths start from, and the file
+    (None: there is none, and the defaults apply)."""
     path, must_exist = find_config_file(explicit)
     if not path.exists():
         if must_exist:
             raise ConfigError(f"config file {path} does not exist")
-        return config_from_dict({}, base_dir=Path.cwd(), source=None)
+        return {}, Path.cwd(), None
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
@@ -485,10 +488,16 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from None
+    return raw, path.resolve().parent, path.resolve()
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    raw, base_dir, source = read_config_file(explicit)
     try:
-        return config_from_dict(raw, base_dir=path.resolve().parent, source=path.resolve())
+        return config_from_dict(raw, base_dir=base_dir, source=source)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        # Named as the operator gave it (or as found), not resolved.
+        raise ConfigError(f"{find_config_file(explicit)[0]}: {exc}") from None
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
@@ -568,6 +577,11 @@ def _describe(value: Any) -> str:
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def declared(key: str) -> Setting:
+    """The setting named "section.name"; KeyError for an unknown one."""
+    return _BY_KEY[key]
 
 
 def parse_assignment(text: str) -> tuple[str, str, Any]:
