@@ -10,6 +10,7 @@ from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.core.database import ConnectionPool
+from appliance.engine.engine import Engine
 from appliance.engine.metrics import exposition
 from appliance.web.dependencies import Database, EngineDependency, Settings
 
@@ -28,7 +29,7 @@ def database_check(database: ConnectionPool) -> Check:
     return Check("database", None)
 
 
-def model_check(engine: EngineDependency) -> Check:
+def model_check(engine: Engine) -> Check:
     if engine.load_error is not None:
         return Check("model", f"the model could not be loaded: {engine.load_error}")
     if engine.loading:
@@ -36,7 +37,7 @@ def model_check(engine: EngineDependency) -> Check:
     return Check("model", None)
 
 
-def worker_check(engine: EngineDependency, stall_limit: float) -> Check:
+def worker_check(engine: Engine, stall_limit: float) -> Check:
     if engine.loading:
         return Check("worker", "the workers wait for the model")
     return Check("worker", engine.worker_problem(stall_limit))

@@ -26,7 +26,7 @@ from appliance.core.config import Config
 from appliance.core.errors import ApplianceError
 from appliance.jobs import parameters
 from appliance.jobs.models import GenerationSettings, ImageStatus, JobView
-from appliance.jobs.service import JobRequest
+from appliance.jobs.service import JobRequest, JobService
 from appliance.web.api.documentation import BEARER
 from appliance.web.api.documentation import error_responses as documented
 from appliance.web.api.errors import (
@@ -243,7 +243,7 @@ class OpenAIController(Controller):
         return OpenAIImagesResponse(created, await anyio.to_thread.run_sync(encode))
 
     @staticmethod
-    async def _wait(jobs: Jobs, account_id: int, job_id: str, timeout: float) -> JobView:
+    async def _wait(jobs: JobService, account_id: int, job_id: str, timeout: float) -> JobView:
         deadline = time.monotonic() + timeout
         while True:
             job = await anyio.to_thread.run_sync(jobs.read, account_id, job_id)

@@ -11,6 +11,7 @@ from litestar.response import Redirect, Template
 
 from appliance.accounts.accounts import Account
 from appliance.accounts.audit import Actor, AuditFilter, to_csv, to_json
+from appliance.accounts.service import AccountService
 from appliance.core.clock import utc_now
 from appliance.core.errors import ApplianceError, BadRequest
 from appliance.core.numbers import whole_number
@@ -115,7 +116,7 @@ class AdminPages(Controller):
         return Redirect("/console/admin/accounts", status_code=303)
 
     @staticmethod
-    def _accounts_page(request: Request[Account, Any, Any], accounts: Accounts,
+    def _accounts_page(request: Request[Account, Any, Any], accounts: AccountService,
                        status_code: int = 200, **context: Any) -> Template:
         return page(request, "admin_accounts.html", status_code=status_code,
                     accounts=accounts.all(), form=context.pop("form", NewAccountForm()),

@@ -12,9 +12,11 @@ from litestar.params import Body, FromPath, FromQuery, QueryParameter
 from litestar.response import File, Redirect, Template
 
 from appliance.accounts.accounts import Account
+from appliance.accounts.service import AccountService, KeyService
+from appliance.core.config import Config
 from appliance.core.errors import ApplianceError, BadRequest
 from appliance.jobs.parameters import check_prompts
-from appliance.jobs.service import JobRequest
+from appliance.jobs.service import JobRequest, JobService
 from appliance.web.api.views import job_response
 from appliance.web.console.rendering import page
 from appliance.web.console.security import actor
@@ -92,7 +94,7 @@ class ConsolePages(Controller):
         return Redirect("/console/api-keys", status_code=303)
 
     @staticmethod
-    def _keys_page(request: Request[Account, Any, Any], keys: Keys, status_code: int = 200,
+    def _keys_page(request: Request[Account, Any, Any], keys: KeyService, status_code: int = 200,
                    **context: Any) -> Template:
         return page(request, "keys.html", status_code=status_code,
                     keys=keys.live(request.user.id), **context)
@@ -121,8 +123,8 @@ class ConsolePages(Controller):
         return Redirect(f"/console/jobs/{submitted.job_id}", status_code=303)
 
     @staticmethod
-    def _playground_page(request: Request[Account, Any, Any], accounts: Accounts,
-                         jobs: Jobs, config: Settings, status_code: int = 200,
+    def _playground_page(request: Request[Account, Any, Any], accounts: AccountService,
+                         jobs: JobService, config: Config, status_code: int = 200,
                          **context: Any) -> Template:
         return page(request, "playground.html", status_code=status_code,
                     balance=accounts.get(request.user.id).credits,
