@@ -13,6 +13,8 @@ from appliance.core.database import ConnectionPool
 
 from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
 
+pytestmark = pytest.mark.system
+
 URL = "/api/playground/images"
 
 

@@ -21,6 +21,8 @@ from appliance.core.database import ConnectionPool
 
 from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
 
+pytestmark = pytest.mark.system
+
 EXAMPLES_PER_OPERATION = 30
 requests_sent: list[str] = []
 

@@ -22,7 +22,7 @@ from appliance.ops.housekeeping import Housekeeping
 from appliance.runtime.logs import configure_logging
 from appliance.web.app import create_app
 
-from .conftest import TEST_GENERATION, bearer
+from .helpers import TEST_GENERATION, bearer
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 

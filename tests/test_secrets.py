@@ -8,6 +8,7 @@ import secrets
 import time
 
 import httpx
+import pytest
 
 from appliance.accounts import keys
 
@@ -23,6 +24,7 @@ def files_holding(folder, needle: bytes) -> list[str]:
     return [str(p) for p in sorted(folder.rglob("*")) if p.is_file() and needle in p.read_bytes()]
 
 
+@pytest.mark.system
 def test_a_full_cli_api_and_console_run_keeps_no_secret(tmp_path, tiny_model, launcher):
     config = write_config(tmp_path, tiny_model)
     email, password = "owner@example.com", "pw-" + secrets.token_hex(12)

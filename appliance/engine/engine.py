@@ -17,6 +17,9 @@ from appliance.jobs.store import unfinished_images
 
 log = logging.getLogger(__name__)
 
+# How long stop() waits for each worker to finish the batch it is generating.
+STOP_TIMEOUT_SECONDS = 30.0
+
 
 def worker_devices(config: Config) -> list[str]:
     """One entry per worker: engine.devices, or model.device when that is empty."""
@@ -72,7 +75,7 @@ class Engine:
         for worker in self.workers:
             worker.signal_stop()
         for worker in self.workers:
-            worker.join(30.0)
+            worker.join(STOP_TIMEOUT_SECONDS)
         # Batches already generated are saved and recorded before the database closes.
         self.writer.close()
         _log_peak_gpu_memory()
