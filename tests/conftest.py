@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -7,18 +8,26 @@ from pathlib import Path
 import pytest
 from litestar.testing import TestClient
 
-from appliance.accounts import accounts, audit, keys
+from appliance.accounts import accounts
 from appliance.core.config import Config, config_from_dict
 from appliance.core.database import ConnectionPool
 from appliance.engine.synth import synthesize
 from appliance.services import Services
 from appliance.web.app import create_app
 
+from .helpers import QUICK_HASHER, TEST_GENERATION, Client, InstantGenerator
+
 # Every key and password the suite makes, and every log line, for test_secrets.py.
 from .secret_watch import pytest_collection_modifyitems, secret_watch  # noqa: F401
+from .serve_process import Launcher
 
-# Small images and few steps keep the real pipeline fast on a CPU.
-TEST_GENERATION = {"width": 64, "height": 64, "steps": 2, "guidance_scale": 7.5}
+
+@pytest.fixture(autouse=True)
+def quick_password_hashing(request, monkeypatch) -> None:
+    # Hashes carry their parameters, so verify_password checks these as it
+    # checks production ones; a server process the test starts hashes at full cost.
+    if request.node.get_closest_marker("production_password_hashing") is None:
+        monkeypatch.setattr(accounts, "_hasher", QUICK_HASHER)
 
 
 @pytest.fixture(scope="session")
@@ -56,39 +65,6 @@ def database(config) -> Iterator[ConnectionPool]:
     database.close()
 
 
-class Client:
-    """A TestClient with the helpers the API tests share."""
-
-    def __init__(self, client: TestClient, database: ConnectionPool, services: Services):
-        self.http = client
-        self.database = database
-        self.services = services
-
-    def account(self, email: str = "dev@example.com", credits: int = 6) -> accounts.Account:
-        return accounts.create_account(self.database.db(), email, "correct horse battery",
-                                       audit.Actor.cli(), credits=credits)
-
-    def key(self, account: accounts.Account, name: str = "Production") -> str:
-        return keys.create_key(self.database.db(), account.id, name, audit.Actor.cli())[1]
-
-    def balance(self, account: accounts.Account) -> int:
-        return accounts.get_account(self.database.db(), account.id).credits
-
-    def wait_for_job(self, key: str, job_id: str, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.http.get(f"/api/playground/images/{job_id}", headers=bearer(key)).json()
-            if job["status"] in ("completed", "failed"):
-                return job
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} did not finish in {timeout} s: {job}")
-            time.sleep(0.05)
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 @pytest.fixture
 def make_client(config, database) -> Iterator[Callable[..., Client]]:
     """Starts the app (lifespan, worker, model) with an optional generator replacement."""
@@ -114,3 +90,29 @@ def make_client(config, database) -> Iterator[Callable[..., Client]]:
 @pytest.fixture
 def client(make_client) -> Client:
     return make_client()
+
+
+@pytest.fixture
+def instant_client(make_client) -> Client:
+    """The app with InstantGenerator in place of the model, for tests of what surrounds the
+    pipeline: loading the model, and running it for every job, would be most of their time."""
+    return make_client(load_generator=InstantGenerator)
+
+
+@pytest.fixture
+def root_handlers_restored() -> Iterator[None]:
+    """For tests that run main(): it points the root logger at the test's captured stderr,
+    which closes after the test, and every later log line would fail to be written there."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def launcher() -> Iterator[Launcher]:
+    """Forks real `appliance serve` processes from one interpreter that has imported torch."""
+    launcher = Launcher()
+    yield launcher
+    launcher.close()

@@ -28,7 +28,7 @@ class LiveServer:
                                                     log_config=None, lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name="live-server", daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while True:

@@ -11,10 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from appliance.bench.serving import answers_ok, free_port
 
@@ -126,7 +123,7 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{port.split('=')[1].strip()}"
         self.pid: int | None = None
 
-    def start(self) -> "ServeProcess":
+    def start(self) -> ServeProcess:
         self.pid = self.launcher.serve(self.config, self.log_path)
         self.wait_ready()
         return self
@@ -160,10 +157,3 @@ class ServeProcess:
                 return False
             time.sleep(0.02)
         return True
-
-
-@pytest.fixture(scope="session")
-def launcher() -> Iterator[Launcher]:
-    launcher = Launcher()
-    yield launcher
-    launcher.close()

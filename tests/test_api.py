@@ -1,4 +1,4 @@
-"""The bulk image API against its contract, on the real tiny pipeline."""
+"""The bulk image API against its contract, on the real tiny pipeline where the images matter."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from appliance.accounts import accounts, keys
 from appliance.accounts.audit import Actor
 
-from .conftest import bearer
+from .helpers import InstantGenerator, bearer
 
 URL = "/api/playground/images"
 DOC_PROMPTS = ["A beautiful sunset over the ocean", "A futuristic cityscape"]
@@ -74,7 +74,8 @@ def test_seeds_are_recorded_and_differ_between_images(client):
         ({"Authorization": "Bearer wi_live_" + "a" * 64}, 401, "Invalid API key"),
     ],
 )
-def test_authentication_errors_have_the_contract_texts(client, headers, status, error):
+def test_authentication_errors_have_the_contract_texts(instant_client, headers, status, error):
+    client = instant_client
     account = client.account()
     client.key(account)
     for method, path in (("POST", URL), ("GET", f"{URL}/{uuid.uuid4()}")):
@@ -83,7 +84,8 @@ def test_authentication_errors_have_the_contract_texts(client, headers, status, 
     assert client.balance(account) == 6
 
 
-def test_deleted_key_is_refused_at_once(client):
+def test_deleted_key_is_refused_at_once(instant_client):
+    client = instant_client
     account = client.account()
     key = client.key(account)
     assert client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(key)).status_code == 200
@@ -93,7 +95,8 @@ def test_deleted_key_is_refused_at_once(client):
     assert client.balance(account) == 5
 
 
-def test_insufficient_credits_charges_nothing(client):
+def test_insufficient_credits_charges_nothing(instant_client):
+    client = instant_client
     account = client.account(credits=2)
     key = client.key(account)
     response = client.http.post(URL, json={"prompts": ["a", "b", "c"]}, headers=bearer(key))
@@ -122,7 +125,8 @@ def test_insufficient_credits_charges_nothing(client):
          "'prompts' has 101 prompts; at most 100 are allowed per request"),
     ],
 )
-def test_bad_bodies_get_a_clear_400_and_cost_nothing(client, content, error):
+def test_bad_bodies_get_a_clear_400_and_cost_nothing(instant_client, content, error):
+    client = instant_client
     account = client.account(credits=1000)
     key = client.key(account)
     response = client.http.post(URL, content=content,
@@ -133,7 +137,8 @@ def test_bad_bodies_get_a_clear_400_and_cost_nothing(client, content, error):
     assert client.database.db()["jobs"].count == 0
 
 
-def test_another_accounts_job_is_answered_like_an_unknown_one(client):
+def test_another_accounts_job_is_answered_like_an_unknown_one(instant_client):
+    client = instant_client
     owner_key = client.key(client.account("owner@example.com"))
     other_key = client.key(client.account("other@example.com"))
     job_id = client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(owner_key)).json()["jobId"]
@@ -159,15 +164,9 @@ class BlockingGenerator:
         return self.real.generate(prompts, seeds, settings)
 
 
-def _real_generator(config):
-    from appliance.engine.diffusers_generator import load_configured_generator
-
-    return load_configured_generator(config)
-
-
 def test_full_queue_answers_503_with_retry_after_and_charges_nothing(make_client, make_config):
     config = make_config(engine={"queue_capacity": 3, "batch_size": 1})
-    blocking = BlockingGenerator(_real_generator(config))
+    blocking = BlockingGenerator(InstantGenerator())
     client = make_client(load_generator=lambda: blocking, app_config=config)
     account = client.account(credits=10)
     key = client.key(account)
@@ -210,7 +209,8 @@ def test_failed_images_are_refunded_through_the_ledger(make_client):
     assert reasons == ["initial grant", "image job", "refund: image failed"]
 
 
-def test_unfinished_image_is_not_served(client):
+def test_unfinished_image_is_not_served(instant_client):
+    client = instant_client
     account = client.account()
     key = client.key(account)
     job_id = client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(key)).json()["jobId"]
@@ -219,7 +219,8 @@ def test_unfinished_image_is_not_served(client):
     assert missing.status_code == 404 and "not ready" in missing.json()["error"]
 
 
-def test_last_used_is_recorded_on_use(client):
+def test_last_used_is_recorded_on_use(instant_client):
+    client = instant_client
     account = client.account()
     key = client.key(account)
     assert keys.list_keys(client.database.db(), account.id)[0].last_used_at is None
@@ -227,7 +228,8 @@ def test_last_used_is_recorded_on_use(client):
     assert keys.list_keys(client.database.db(), account.id)[0].last_used_at is not None
 
 
-def test_openapi_document_describes_the_routes_and_errors(client):
+def test_openapi_document_describes_the_routes_and_errors(instant_client):
+    client = instant_client
     doc = client.http.get("/schema/openapi.json").json()
     post = doc["paths"]["/api/playground/images"]["post"]
     assert set(post["responses"]) >= {"200", "400", "401", "402", "503"}
@@ -240,6 +242,7 @@ def test_openapi_document_describes_the_routes_and_errors(client):
     assert doc["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
 
 
-def test_unknown_route_errors_are_json_with_error(client):
+def test_unknown_route_errors_are_json_with_error(instant_client):
+    client = instant_client
     response = client.http.get("/nowhere")
     assert response.status_code == 404 and "error" in response.json()

@@ -21,7 +21,7 @@ from appliance.jobs.store import image_relpath, mark_completed, mark_running, su
 from appliance.ops.backup import create_backup, integrity_problem, restore_backup
 from appliance.ops.lock import service_lock
 
-from .conftest import TEST_GENERATION
+from .helpers import TEST_GENERATION
 
 SETTINGS = GenerationSettings(**TEST_GENERATION)
 
@@ -151,6 +151,7 @@ def test_backup_and_restore_refuse_what_they_cannot_do(make_config, database, tm
     assert integrity_problem(config.storage.database) is None
 
 
+@pytest.mark.usefixtures("root_handlers_restored")
 def test_backup_and_restore_commands(tmp_path, capsys):
     config = tmp_path / "config.toml"
     config.write_text('[storage]\ndata_dir = "state"\ndatabase = "state/app.db"\n')

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,11 @@ from appliance.bench import (
 from appliance.cli.main import main
 from appliance.core.config import config_from_dict
 
-
-@pytest.fixture(autouse=True)
-def root_handlers_restored():
-    """main() points the root logger at this test's captured stderr, which closes after it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# main() points the root logger at each test's captured stderr, which closes after it.
+pytestmark = pytest.mark.usefixtures("root_handlers_restored")
 
 
+@pytest.mark.system
 def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, capsys):
     config = tmp_path / "config.toml"
     config.write_text(f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n')

@@ -6,8 +6,8 @@ import uuid
 
 from appliance.accounts import accounts
 
-from .conftest import bearer
-from .live_server import GatedGenerator, real_generator
+from .helpers import InstantGenerator, bearer
+from .live_server import GatedGenerator
 
 URL = "/api/playground/images"
 
@@ -19,7 +19,7 @@ def ledger_reasons(db, account_id: int) -> list[tuple[str, int]]:
 
 def test_cancel_refunds_images_not_started_and_settles_the_job(make_client, make_config):
     config = make_config(engine={"batch_size": 1})
-    gated = GatedGenerator(real_generator(config))
+    gated = GatedGenerator(InstantGenerator())
     client = make_client(load_generator=lambda: gated, app_config=config)
     account = client.account(credits=10)
     key = client.key(account)
@@ -70,7 +70,8 @@ def test_cancel_refunds_images_not_started_and_settles_the_job(make_client, make
                       " AND started_at IS NOT NULL").fetchone()[0] == 0
 
 
-def test_a_finished_job_cannot_be_cancelled_into_a_refund(client):
+def test_a_finished_job_cannot_be_cancelled_into_a_refund(instant_client):
+    client = instant_client
     account = client.account(credits=3)
     key = client.key(account)
     job_id = client.http.post(URL, json={"prompts": ["a"]}, headers=bearer(key)).json()["jobId"]
@@ -81,7 +82,8 @@ def test_a_finished_job_cannot_be_cancelled_into_a_refund(client):
     assert client.balance(account) == 2 == accounts.ledger_total(client.database.db(), account.id)
 
 
-def test_another_accounts_job_cannot_be_cancelled(client):
+def test_another_accounts_job_cannot_be_cancelled(instant_client):
+    client = instant_client
     owner = client.account("owner@example.com")
     owner_key = client.key(owner)
     other_key = client.key(client.account("other@example.com"))

@@ -3,7 +3,6 @@ CliRunner, and as the real process where the process itself is what is tested.""
 
 from __future__ import annotations
 
-import logging
 import os
 import pty
 import re
@@ -12,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +19,8 @@ from click.testing import CliRunner, Result
 from appliance.cli.main import cli
 from appliance.core.database import open_database
 
-
-@pytest.fixture(autouse=True)
-def root_logging_restored() -> Iterator[None]:
-    """The command points the root logger at CliRunner's stderr, which closes after it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# The command points the root logger at CliRunner's stderr, which closes after it.
+pytestmark = pytest.mark.usefixtures("root_handlers_restored")
 
 
 @pytest.fixture

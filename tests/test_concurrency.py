@@ -11,7 +11,9 @@ import pytest
 from appliance.accounts import accounts, audit, keys
 from appliance.core.database import ConnectionPool
 
-from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
+from .serve_process import ServeProcess, write_config
+
+pytestmark = pytest.mark.system
 
 URL = "/api/playground/images"
 

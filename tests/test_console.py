@@ -18,8 +18,8 @@ from appliance.web.app import create_app
 from appliance.web.console.security import SECURITY_HEADERS
 from appliance.web.console.sessions import COOKIE_NAME
 
-from .conftest import bearer
 from .console_helpers import HTML, PASSWORD, post_form, session_id, set_session_cookie, sign_in
+from .helpers import InstantGenerator, bearer
 
 API = "/api/playground/images"
 
@@ -51,7 +51,8 @@ def wait_for_console_job(http: TestClient, job_id: str, timeout: float = 60) -> 
         time.sleep(0.05)
 
 
-def test_sign_in_rotates_the_session_id_and_sign_out_ends_it_on_the_server(client):
+def test_sign_in_rotates_the_session_id_and_sign_out_ends_it_on_the_server(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     client.account("dev@example.com")
 
@@ -93,16 +94,17 @@ def test_sign_in_rotates_the_session_id_and_sign_out_ends_it_on_the_server(clien
 
 def test_a_session_survives_a_restart_of_the_service(config, database):
     accounts.create_account(database.db(), "dev@example.com", PASSWORD, audit.Actor.cli())
-    with TestClient(create_app(Services.build(config))) as http:
+    with TestClient(create_app(Services.build(config, load_generator=InstantGenerator))) as http:
         assert sign_in(http, "dev@example.com").status_code == 303
         cookies = dict(http.cookies)
-    with TestClient(create_app(Services.build(config))) as http:
+    with TestClient(create_app(Services.build(config, load_generator=InstantGenerator))) as http:
         http.cookies.update(cookies)
         page = http.get("/console", headers=HTML, follow_redirects=False)
         assert page.status_code == 200 and "dev@example.com" in page.text
 
 
-def test_idle_and_absolute_timeouts_end_a_session(client):
+def test_idle_and_absolute_timeouts_end_a_session(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     client.account("dev@example.com")
     console = client.services.config.console
@@ -129,7 +131,8 @@ def test_idle_and_absolute_timeouts_end_a_session(client):
     assert key_hash not in {row[0] for row in session_rows(db)}
 
 
-def test_forms_without_a_valid_csrf_token_are_refused_and_change_nothing(client):
+def test_forms_without_a_valid_csrf_token_are_refused_and_change_nothing(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     http.get("/login")
@@ -152,8 +155,8 @@ def test_forms_without_a_valid_csrf_token_are_refused_and_change_nothing(client)
 
 def test_failed_sign_ins_are_throttled_per_account_and_per_address_and_audited(make_client,
                                                                                make_config):
-    client = make_client(app_config=make_config(console={"max_failed_signins_per_account": 2,
-                                                        "max_failed_signins_per_address": 4}))
+    client = make_client(load_generator=InstantGenerator, app_config=make_config(
+        console={"max_failed_signins_per_account": 2, "max_failed_signins_per_address": 4}))
     http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     client.account("other@example.com")
@@ -187,7 +190,8 @@ def test_failed_sign_ins_are_throttled_per_account_and_per_address_and_audited(m
     assert len(audit_rows(db, "login.throttled")) == 2
 
 
-def test_a_disabled_account_cannot_sign_in_and_is_signed_out(client):
+def test_a_disabled_account_cannot_sign_in_and_is_signed_out(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     sign_in(http, "dev@example.com")
@@ -197,7 +201,8 @@ def test_a_disabled_account_cannot_sign_in_and_is_signed_out(client):
     assert refused.status_code == 403 and "This account is disabled" in refused.text
 
 
-def test_another_accounts_jobs_and_images_are_never_reachable(client):
+def test_another_accounts_jobs_and_images_are_never_reachable(instant_client):
+    client = instant_client
     http = client.http
     owner = client.account("owner@example.com")
     key = client.key(owner)
@@ -226,7 +231,8 @@ def test_another_accounts_jobs_and_images_are_never_reachable(client):
     assert job_id not in http.get("/console").text
 
 
-def test_the_playground_charges_like_the_api_and_refuses_bad_input_for_free(client):
+def test_the_playground_charges_like_the_api_and_refuses_bad_input_for_free(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     account = client.account("dev@example.com", credits=3)
     sign_in(http, "dev@example.com")
@@ -252,7 +258,8 @@ def test_the_playground_charges_like_the_api_and_refuses_bad_input_for_free(clie
     assert page.count(f'src="/console/jobs/{job_id}/images/') == 2
 
 
-def test_console_key_management_is_audited_with_the_browser_address(client):
+def test_console_key_management_is_audited_with_the_browser_address(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     account = client.account("dev@example.com")
     sign_in(http, "dev@example.com")
@@ -283,7 +290,8 @@ def test_console_key_management_is_audited_with_the_browser_address(client):
     assert keys.list_keys(db, other.id) == [theirs]
 
 
-def test_admin_pages_are_refused_to_non_admins(client):
+def test_admin_pages_are_refused_to_non_admins(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     user = client.account("dev@example.com")
     sign_in(http, "dev@example.com")
@@ -299,7 +307,8 @@ def test_admin_pages_are_refused_to_non_admins(client):
     assert "Audit log" not in http.get("/console").text
 
 
-def test_admins_manage_accounts_and_credits_and_export_the_audit_log(client):
+def test_admins_manage_accounts_and_credits_and_export_the_audit_log(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     admin(client)
     sign_in(http, "admin@example.com")
@@ -355,7 +364,8 @@ def test_admins_manage_accounts_and_credits_and_export_the_audit_log(client):
     assert bad_date.status_code == 400 and "must be a date" in bad_date.text
 
 
-def test_pages_carry_security_headers_and_cookies_are_httponly_and_samesite(client):
+def test_pages_carry_security_headers_and_cookies_are_httponly_and_samesite(instant_client):
+    client = instant_client
     http = client.http
     client.account("dev@example.com")
     login = http.get("/login")
@@ -386,7 +396,8 @@ def test_pages_carry_security_headers_and_cookies_are_httponly_and_samesite(clie
     assert over_https.status_code == 303 and "Secure" in over_https.headers["set-cookie"]
 
 
-def test_no_get_request_changes_state(client):
+def test_no_get_request_changes_state(instant_client):
+    client = instant_client
     http, db = client.http, client.database.db()
     user = client.account("dev@example.com")
     admin(client)
@@ -412,7 +423,8 @@ def test_no_get_request_changes_state(client):
     assert http.get("/console").status_code == 200  # still signed in
 
 
-def test_api_keys_and_console_sessions_are_kept_apart(client):
+def test_api_keys_and_console_sessions_are_kept_apart(instant_client):
+    client = instant_client
     http = client.http
     account = client.account("dev@example.com")
     key = client.key(account)

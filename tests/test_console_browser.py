@@ -20,6 +20,8 @@ from appliance.core.database import ConnectionPool
 
 from .test_server import server  # noqa: F401  (the fixture)
 
+pytestmark = pytest.mark.system
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parent / "artifacts" / "console"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -18,12 +18,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from appliance.accounts import accounts, audit, keys
 from appliance.core.database import ConnectionPool
 
-from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
+from .serve_process import ServeProcess, write_config
+
+pytestmark = pytest.mark.system
 
 URL = "/api/playground/images"
 MOMENT_TIMEOUT = 20.0  # a round whose moment never comes is killed anyway

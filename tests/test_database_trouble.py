@@ -18,7 +18,7 @@ import appliance.core.database as core_database
 from appliance.accounts import accounts
 from appliance.core.database import ConnectionPool, immediate, open_database
 
-from .conftest import bearer
+from .helpers import InstantGenerator, bearer
 
 URL = "/api/playground/images"
 
@@ -43,7 +43,7 @@ def write_lock(path):
 
 def test_a_locked_database_gets_503_with_retry_after_and_keeps_nothing(make_client, make_config):
     config = make_config(storage={"busy_timeout_seconds": 0.3})
-    client = make_client(app_config=config)
+    client = make_client(load_generator=InstantGenerator, app_config=config)
     account = client.account(credits=6)
     key = client.key(account)
     done = client.http.post(URL, json={"prompts": ["a"]}, headers=bearer(key)).json()["jobId"]
@@ -139,7 +139,7 @@ def test_a_full_database_file_gets_503_and_keeps_nothing(make_client, monkeypatc
         return db
 
     monkeypatch.setattr(core_database, "open_database", capped)
-    client = make_client()
+    client = make_client(load_generator=InstantGenerator)
     key = client.key(account)
     before = db_state(database, account)
 
@@ -210,7 +210,7 @@ def test_a_full_disk_gets_503_then_works_again_once_space_is_freed(
                                   "database": str(tiny_disk / "data" / "appliance.db")})
     database = ConnectionPool(config.storage.database)
     try:
-        client = make_client(app_config=config)
+        client = make_client(load_generator=InstantGenerator, app_config=config)
         client.database = database
         account = client.account(credits=500)
         key = client.key(account)

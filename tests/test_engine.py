@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderTiny
-from PIL import Image
 
 from appliance.accounts import accounts, audit
 from appliance.core.config import ConfigError, config_from_dict
@@ -24,7 +23,7 @@ from appliance.engine.pipeline import ModelLoadError
 from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import get_job, submit
 
-from .conftest import TEST_GENERATION, bearer
+from .helpers import TEST_GENERATION, InstantGenerator, bearer
 
 URL = "/api/playground/images"
 SETTINGS = GenerationSettings(**TEST_GENERATION)
@@ -50,24 +49,10 @@ class Recorder:
         return self.real.generate(prompts, seeds, settings)
 
 
-class InstantGenerator:
-    """Flat images at once: for timing the worker around it, not the model."""
-
-    def __init__(self, seconds: float = 0.0):
-        self.seconds = seconds
-        self.started: list[float] = []
-        self.threads: list[str] = []
-
-    def generate(self, prompts, seeds, settings):
-        self.started.append(time.monotonic())
-        self.threads.append(threading.current_thread().name)
-        time.sleep(self.seconds)
-        return [Image.new("RGB", (settings.width, settings.height), (9, 9, 9)) for _ in prompts]
-
-
 def test_a_small_job_of_another_account_shares_the_next_batch(make_client, make_config):
     config = make_config(engine={"batch_size": 4, "batch_window_seconds": 0.0})
-    recorder = Recorder(load_configured_generator(config), hold_first=True)
+    # Each batch takes a moment, so that the jobs' end times tell the batches apart.
+    recorder = Recorder(InstantGenerator(seconds=0.1), hold_first=True)
     client = make_client(load_generator=lambda: recorder, app_config=config)
     big_key = client.key(client.account("big@example.com", credits=12))
     small_key = client.key(client.account("small@example.com", credits=1))
@@ -108,11 +93,12 @@ def test_pngs_are_written_beside_the_worker_thread_which_runs_ahead(make_client,
     fake = InstantGenerator()
     client = make_client(load_generator=lambda: fake, app_config=config)
     key = client.key(client.account(credits=6))
-    job_id = client.http.post(URL, json={"prompts": [str(i) for i in range(5)]},
+    # Four batches: the fourth is the first that must wait for a writer.
+    job_id = client.http.post(URL, json={"prompts": [str(i) for i in range(4)]},
                               headers=bearer(key)).json()["jobId"]
     job = client.wait_for_job(key, job_id)
 
-    assert job["completedImages"] == 5
+    assert job["completedImages"] == 4
     assert {name for name, _, _ in written} == {"png-writer_0"}
     assert set(fake.threads) == {"engine-worker"}
     first_saved = written[0][2]

@@ -19,7 +19,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from appliance.accounts import accounts, audit, keys
 from appliance.core.database import ConnectionPool
 
-from .serve_process import ServeProcess, launcher, write_config  # noqa: F401 - a fixture
+from .serve_process import ServeProcess, write_config
+
+pytestmark = pytest.mark.system
 
 EXAMPLES_PER_OPERATION = 30
 requests_sent: list[str] = []

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -24,14 +22,8 @@ def live(make_config):
         yield server
 
 
-@pytest.fixture(autouse=True)
-def root_logging_restored() -> Iterator[None]:
-    """The command points the root logger at CliRunner's stderr, which closes after it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# The command points the root logger at CliRunner's stderr, which closes after it.
+pytestmark = pytest.mark.usefixtures("root_handlers_restored")
 
 
 def invoke(key: str | None, *args: str) -> tuple[int, str, str]:

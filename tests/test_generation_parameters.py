@@ -10,7 +10,7 @@ from PIL import Image
 from appliance.core.config import ConfigError, config_from_dict
 from appliance.jobs.models import MAX_SEED
 
-from .conftest import bearer
+from .helpers import InstantGenerator, bearer
 
 URL = "/api/playground/images"
 
@@ -49,7 +49,8 @@ BAD_PARAMETERS = [
 ]
 
 
-def test_out_of_range_parameters_get_a_400_naming_field_and_range_and_cost_nothing(client):
+def test_out_of_range_parameters_get_a_400_naming_field_and_range_and_cost_nothing(instant_client):
+    client = instant_client
     account = client.account(credits=5)
     key = client.key(account)
     for fields, error in BAD_PARAMETERS:
@@ -61,7 +62,7 @@ def test_out_of_range_parameters_get_a_400_naming_field_and_range_and_cost_nothi
 
 def test_bounds_come_from_the_config(make_client, make_config):
     config = make_config(generation={"max_size": 128, "max_steps": 3, "max_guidance_scale": 9.0})
-    client = make_client(app_config=config)
+    client = make_client(load_generator=InstantGenerator, app_config=config)
     key = client.key(client.account())
     assert post(client, key, width=136).json()["error"] == \
         "'width' is 136; it must be a multiple of 8 from 64 to 128"
@@ -85,7 +86,7 @@ def test_prompts_alone_behave_as_before_and_the_job_echoes_the_defaults(client):
     assert set(response.json()) == {"jobId", "totalImages", "creditsUsed", "credits"}
     job = client.wait_for_job(key, response.json()["jobId"])
     assert job["status"] == "completed"
-    # The defaults come from the test config (conftest: 64x64, 2 steps).
+    # The defaults come from the test config (helpers.TEST_GENERATION: 64x64, 2 steps).
     assert job["parameters"] == {"negativePrompt": None, "width": 64, "height": 64, "steps": 2,
                                  "guidanceScale": 7.5, "seed": None}
     assert job["queuePosition"] is None and job["cancelledImages"] == 0
@@ -121,7 +122,8 @@ def test_same_seed_and_parameters_give_the_same_image(client):
     assert make(seed=1234, steps=2, negativePrompt="fog") != first
 
 
-def test_openapi_describes_the_new_parameters_and_routes(client):
+def test_openapi_describes_the_new_parameters_and_routes(instant_client):
+    client = instant_client
     doc = client.http.get("/schema/openapi.json").json()
     request = doc["components"]["schemas"]["CreateImagesRequest"]
     assert request["required"] == ["prompts"]

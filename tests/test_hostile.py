@@ -11,7 +11,7 @@ from appliance.core.config import ServerConfig
 from appliance.core.errors import TooManyRequests
 from appliance.web.api.limits import HostPolicy, KeyRateLimiter, host_name
 
-from .conftest import bearer
+from .helpers import InstantGenerator, bearer
 
 URL = "/api/playground/images"
 
@@ -24,7 +24,8 @@ def assert_nothing_charged(client, account, credits):
 # Limits on what one request may carry.
 
 def test_a_body_over_the_size_limit_gets_413_and_costs_nothing(make_client, make_config):
-    client = make_client(app_config=make_config(limits={"max_request_bytes": 2048}))
+    client = make_client(load_generator=InstantGenerator,
+                         app_config=make_config(limits={"max_request_bytes": 2048}))
     account = client.account(credits=6)
     key = client.key(account)
     body = b'{"prompts": ["' + b"x" * 3000 + b'"]}'
@@ -45,7 +46,7 @@ def test_a_body_over_the_size_limit_gets_413_and_costs_nothing(make_client, make
 
 
 def test_too_many_or_too_long_prompts_get_400_and_cost_nothing(make_client, make_config):
-    client = make_client(app_config=make_config(
+    client = make_client(load_generator=InstantGenerator, app_config=make_config(
         limits={"max_prompts_per_request": 3, "max_prompt_length": 20}))
     account = client.account(credits=10)
     key = client.key(account)
@@ -58,7 +59,7 @@ def test_too_many_or_too_long_prompts_get_400_and_cost_nothing(make_client, make
 
 
 class GatedGenerator:
-    """The real generator, holding each batch until the test opens the gate."""
+    """A generator holding each batch until the test opens the gate."""
 
     def __init__(self, real):
         self.real = real
@@ -71,10 +72,8 @@ class GatedGenerator:
 
 def test_pending_images_per_account_are_limited_with_429_and_never_charged(
         make_client, make_config):
-    from appliance.engine.diffusers_generator import load_configured_generator
-
     config = make_config(limits={"max_pending_images_per_account": 3})
-    gated = GatedGenerator(load_configured_generator(config))
+    gated = GatedGenerator(InstantGenerator())
     client = make_client(load_generator=lambda: gated, app_config=config)
     busy, other = client.account("busy@example.com", 10), client.account("other@example.com", 10)
     busy_key, other_key = client.key(busy), client.key(other)
@@ -123,7 +122,8 @@ VALID_HEX = "0123456789abcdef" * 4
     ("Bearerwi_live_" + VALID_HEX, "Missing or invalid Authorization header"),
     ("wi_live_" + VALID_HEX, "Missing or invalid Authorization header"),
 ])
-def test_almost_valid_keys_are_refused_with_the_right_error(client, authorization, error):
+def test_almost_valid_keys_are_refused_with_the_right_error(instant_client, authorization, error):
+    client = instant_client
     account = client.account(credits=6)
     real = client.key(account)
     assert real != "wi_live_" + VALID_HEX
@@ -134,7 +134,8 @@ def test_almost_valid_keys_are_refused_with_the_right_error(client, authorizatio
     assert_nothing_charged(client, account, 6)
 
 
-def test_a_real_key_with_one_character_changed_is_unknown(client):
+def test_a_real_key_with_one_character_changed_is_unknown(instant_client):
+    client = instant_client
     account = client.account(credits=6)
     key = client.key(account)
     last = "0" if key[-1] != "0" else "1"
@@ -143,7 +144,8 @@ def test_a_real_key_with_one_character_changed_is_unknown(client):
     assert_nothing_charged(client, account, 6)
 
 
-def test_a_deleted_key_and_another_accounts_key_are_each_refused_rightly(client):
+def test_a_deleted_key_and_another_accounts_key_are_each_refused_rightly(instant_client):
+    client = instant_client
     from appliance.accounts import audit, keys
 
     owner, colleague = client.account("owner@example.com", 6), client.account("c@example.com", 6)
@@ -167,7 +169,8 @@ def test_a_deleted_key_and_another_accounts_key_are_each_refused_rightly(client)
 # A request rate per key.
 
 def test_the_rate_limit_answers_429_with_retry_after_per_key(make_client, make_config):
-    client = make_client(app_config=make_config(limits={"requests_per_minute_per_key": 3}))
+    client = make_client(load_generator=InstantGenerator,
+                         app_config=make_config(limits={"requests_per_minute_per_key": 3}))
     account = client.account(credits=6)
     key, other_key = client.key(account, "One"), client.key(account, "Two")
     path = f"{URL}/{uuid.uuid4()}"
@@ -226,7 +229,8 @@ def test_the_host_policy_allows_addresses_its_own_names_and_configured_ones():
     assert HostPolicy.for_server(ServerConfig(allowed_hosts="*")).allows("anything.example")
 
 
-def test_a_foreign_host_name_is_refused_on_every_route(client):
+def test_a_foreign_host_name_is_refused_on_every_route(instant_client):
+    client = instant_client
     account = client.account(credits=6)
     key = client.key(account)
     for method, path in (("GET", "/healthz"), ("GET", "/schema/openapi.json"),

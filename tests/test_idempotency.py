@@ -6,7 +6,7 @@ import pytest
 
 from appliance.accounts import accounts, audit
 
-from .conftest import bearer
+from .helpers import bearer
 
 URL = "/api/playground/images"
 
@@ -22,7 +22,8 @@ def job_count(client) -> int:
     return client.database.db()["jobs"].count
 
 
-def test_a_retry_gets_the_first_answer_and_is_not_charged_again(client):
+def test_a_retry_gets_the_first_answer_and_is_not_charged_again(instant_client):
+    client = instant_client
     account = client.account(credits=6)
     key = client.key(account)
 
@@ -41,7 +42,8 @@ def test_a_retry_gets_the_first_answer_and_is_not_charged_again(client):
     assert job["status"] == "completed" and job["totalImages"] == 2
 
 
-def test_the_key_belongs_to_the_account_not_to_one_api_key(client):
+def test_the_key_belongs_to_the_account_not_to_one_api_key(instant_client):
+    client = instant_client
     account = client.account(credits=6)
     first = post(client, client.key(account, "One"), ["a"], "same-key")
     second = post(client, client.key(account, "Two"), ["a"], "same-key")
@@ -49,7 +51,8 @@ def test_the_key_belongs_to_the_account_not_to_one_api_key(client):
     assert client.balance(account) == 5
 
 
-def test_other_accounts_may_use_the_same_key_for_their_own_jobs(client):
+def test_other_accounts_may_use_the_same_key_for_their_own_jobs(instant_client):
+    client = instant_client
     alice, bob = client.account("alice@example.com", 3), client.account("bob@example.com", 3)
     for_alice = post(client, client.key(alice), ["a"], "shared")
     for_bob = post(client, client.key(bob), ["a"], "shared")
@@ -62,7 +65,8 @@ def test_other_accounts_may_use_the_same_key_for_their_own_jobs(client):
     {"prompts": ["another prompt"]},
     {"prompts": ["a sunset"], "steps": 3},
 ])
-def test_the_same_key_with_another_request_is_refused_with_422(client, changed):
+def test_the_same_key_with_another_request_is_refused_with_422(instant_client, changed):
+    client = instant_client
     account = client.account(credits=6)
     key = client.key(account)
     assert post(client, key, ["a sunset"], "k1").status_code == 200
@@ -76,7 +80,8 @@ def test_the_same_key_with_another_request_is_refused_with_422(client, changed):
     assert job_count(client) == 1
 
 
-def test_field_order_does_not_make_another_request(client):
+def test_field_order_does_not_make_another_request(instant_client):
+    client = instant_client
     account = client.account(credits=6)
     key = client.key(account)
     headers = {**bearer(key), "Idempotency-Key": "k2", "Content-Type": "application/json"}
@@ -86,7 +91,8 @@ def test_field_order_does_not_make_another_request(client):
 
 
 @pytest.mark.parametrize("value", ["", " ", "x" * 256, "caf\u00e9", "two words"])
-def test_a_malformed_key_is_refused_with_400_before_anything_is_charged(client, value):
+def test_a_malformed_key_is_refused_with_400_before_anything_is_charged(instant_client, value):
+    client = instant_client
     account = client.account(credits=6)
     key = client.key(account)
     response = client.http.post(URL, json={"prompts": ["a"]},
@@ -96,7 +102,8 @@ def test_a_malformed_key_is_refused_with_400_before_anything_is_charged(client, 
     assert client.balance(account) == 6 and job_count(client) == 0
 
 
-def test_a_refused_request_is_not_remembered_so_its_retry_can_succeed(client):
+def test_a_refused_request_is_not_remembered_so_its_retry_can_succeed(instant_client):
+    client = instant_client
     account = client.account(credits=1)
     key = client.key(account)
     assert post(client, key, ["a", "b"], "k3").status_code == 402
@@ -106,7 +113,8 @@ def test_a_refused_request_is_not_remembered_so_its_retry_can_succeed(client):
     assert client.balance(account) == 4
 
 
-def test_a_key_is_kept_for_24_hours_then_starts_a_new_job(client):
+def test_a_key_is_kept_for_24_hours_then_starts_a_new_job(instant_client):
+    client = instant_client
     account = client.account(credits=6)
     key = client.key(account)
     first = post(client, key, ["a"], "daily-run").json()
@@ -124,7 +132,8 @@ def test_a_key_is_kept_for_24_hours_then_starts_a_new_job(client):
     assert db["idempotency_keys"].count == 1
 
 
-def test_only_a_digest_of_the_key_is_stored(client):
+def test_only_a_digest_of_the_key_is_stored(instant_client):
+    client = instant_client
     account = client.account(credits=6)
     post(client, client.key(account), ["a"], "my-secret-ish-key")
     row = next(client.database.db().query("SELECT * FROM idempotency_keys"))

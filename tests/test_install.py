@@ -30,6 +30,7 @@ def install(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.system
 def test_prefix_install_runs_the_installed_code_and_uninstalls(tmp_path, tiny_model):
     prefix = tmp_path / "opt"
     started = time.monotonic()
@@ -107,6 +108,7 @@ def test_prefix_install_runs_the_installed_code_and_uninstalls(tmp_path, tiny_mo
     print(f"prefix install took {installed_in:.1f} s")
 
 
+@pytest.mark.system
 def test_install_refuses_what_it_cannot_do(tmp_path):
     not_a_model = tmp_path / "nothing"
     not_a_model.mkdir()

@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from litestar.testing import TestClient
 
@@ -23,9 +23,9 @@ from appliance.runtime.logs import configure_logging
 from appliance.services import Services
 from appliance.web.app import create_app
 
-from .conftest import TEST_GENERATION, bearer
+from .helpers import TEST_GENERATION, bearer
 
-NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def fixed_clock(moment: datetime = NOW):
@@ -158,10 +158,10 @@ def test_partial_files_of_interrupted_writes_are_removed_once_an_hour_old(config
 
 def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(database, make_client, caplog):
     db = database.db()
-    add_audit_row(db, datetime.now(timezone.utc) - timedelta(days=200), "ancient")
-    add_audit_row(db, datetime.now(timezone.utc), "fresh")
+    add_audit_row(db, datetime.now(UTC) - timedelta(days=200), "ancient")
+    add_audit_row(db, datetime.now(UTC), "fresh")
     db.execute("INSERT INTO console_sessions (key_hash, value, expires_at) VALUES (?, ?, ?)",
-               ["stale", b"{}", utc_iso(datetime.now(timezone.utc) - timedelta(days=1))])
+               ["stale", b"{}", utc_iso(datetime.now(UTC) - timedelta(days=1))])
     db.conn.commit()
     caplog.set_level(logging.INFO, logger="appliance.ops.housekeeping")
 
@@ -183,7 +183,7 @@ def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(database, make_
     assert "deleted 1 expired console sign-ins" in caplog.text
     # Every job is scheduled again: daily, or hourly for the sign-ins.
     later = {job.id: job.next_run_time for job in scheduler.scheduler.get_jobs()}
-    soonest = datetime.now(timezone.utc) + timedelta(minutes=59)
+    soonest = datetime.now(UTC) + timedelta(minutes=59)
     assert all(moment > soonest for moment in later.values()), later
 
 

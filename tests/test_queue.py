@@ -122,22 +122,26 @@ def test_an_account_whose_settings_differ_picks_the_next_batch():
 
 def test_a_batch_waits_the_window_for_more_images_of_its_settings():
     queue = ImageQueue(capacity=10)
+    window = 2.0
+    started = time.monotonic()
     queue.put_recovered(account_images(1, 1))
     threading.Timer(0.1, queue.put_recovered, [account_images(2, 3)]).start()
-    started = time.monotonic()
-    batch = queue.take_batch(4, timeout=1, window=2.0)
+    batch = queue.take_batch(4, timeout=1, window=window)
     # Full after about 0.1 s: no need to wait out the window.
-    assert len(batch) == 4 and time.monotonic() - started < 1.5
+    assert len(batch) == 4 and time.monotonic() - started < window
 
 
 def test_the_window_counts_from_when_the_oldest_image_was_queued():
     queue = ImageQueue(capacity=10)
+    window, timeout = 0.5, 5.0
     queue.put_recovered(account_images(1, 2))
-    time.sleep(0.3)
+    time.sleep(window + 0.1)
     started = time.monotonic()
-    assert len(queue.take_batch(4, timeout=1, window=0.25)) == 2
-    assert time.monotonic() - started < 0.2
+    assert len(queue.take_batch(4, timeout=timeout, window=window)) == 2
+    # Queued longer ago than the window: no second wait for more.
+    assert time.monotonic() - started < window
+    # Timed from before the image was queued, the wait cannot come out shorter than the window.
+    started = time.monotonic()
     queue.put_recovered(account_images(1, 1, start=2))
-    started = time.monotonic()
-    assert len(queue.take_batch(4, timeout=1, window=0.25)) == 1
-    assert 0.2 <= time.monotonic() - started < 1.0
+    assert len(queue.take_batch(4, timeout=timeout, window=window)) == 1
+    assert window <= time.monotonic() - started < timeout

@@ -6,7 +6,7 @@ from appliance.accounts import accounts, audit
 from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import image_relpath, mark_running, submit, unfinished_images
 
-from .conftest import TEST_GENERATION
+from .helpers import TEST_GENERATION
 
 
 def test_queued_and_running_images_are_requeued_at_startup(database, make_client):

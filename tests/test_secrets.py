@@ -8,11 +8,12 @@ import secrets
 import time
 
 import httpx
+import pytest
 
 from appliance.accounts import keys
 
 from .secret_watch import leaks, watched
-from .serve_process import ServeProcess, cli, launcher, write_config  # noqa: F401 - a fixture
+from .serve_process import ServeProcess, cli, write_config
 
 URL = "/api/playground/images"
 CSRF_FIELD = re.compile(r'name="_csrf_token" value="([^"]+)"')
@@ -23,6 +24,7 @@ def files_holding(folder, needle: bytes) -> list[str]:
     return [str(p) for p in sorted(folder.rglob("*")) if p.is_file() and needle in p.read_bytes()]
 
 
+@pytest.mark.system
 def test_a_full_cli_api_and_console_run_keeps_no_secret(tmp_path, tiny_model, launcher):
     config = write_config(tmp_path, tiny_model)
     email, password = "owner@example.com", "pw-" + secrets.token_hex(12)

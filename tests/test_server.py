@@ -17,6 +17,8 @@ from appliance.bench.serving import answers_ok
 
 from .serve_process import cli, free_port
 
+pytestmark = pytest.mark.system
+
 DOC_PROMPTS = ["A beautiful sunset over the ocean", "A futuristic cityscape"]
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from .serve_process import cli, free_port
 
+pytestmark = pytest.mark.system
+
 
 class NotifySocket:
     """What systemd listens on: a datagram socket; each message is timestamped on arrival."""
