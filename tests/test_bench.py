@@ -31,8 +31,8 @@ def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, cap
     results, table = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     code = main(["bench", "--config", str(config), "--width", "64", "--height", "64",
                  "--steps", "2", "--batch-size", "4", "--images", "8", "--baseline-images", "2",
-                 "--clients", "2", "--job-size", "2", "--poll-seconds", "0.2", "--json", str(results),
-                 "--markdown", str(table)])
+                 "--clients", "2", "--job-size", "2", "--poll-seconds", "0.2",
+                 "--json", str(results), "--markdown", str(table)])
     printed = capsys.readouterr().out
     with capsys.disabled():
         print("\n" + printed)
@@ -40,7 +40,8 @@ def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, cap
 
     result = json.loads(results.read_text())
     appliance, baseline = result["appliance"], result["baseline"]
-    assert (appliance["completed_images"], appliance["failed_images"], appliance["jobs"]) == (8, 0, 4)
+    made = (appliance["completed_images"], appliance["failed_images"], appliance["jobs"])
+    assert made == (8, 0, 4)
     assert baseline["images"] == 2 and baseline["device"] == "cpu" and result["poll_seconds"] == 0.2
     assert appliance["images_per_second"] > 0 and baseline["images_per_second"] > 0
     assert result["ratio"] == appliance["images_per_second"] / baseline["images_per_second"]

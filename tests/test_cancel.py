@@ -87,7 +87,8 @@ def test_another_accounts_job_cannot_be_cancelled(instant_client):
     owner = client.account("owner@example.com")
     owner_key = client.key(owner)
     other_key = client.key(client.account("other@example.com"))
-    job_id = client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(owner_key)).json()["jobId"]
+    created = client.http.post(URL, json={"prompts": ["x"]}, headers=bearer(owner_key))
+    job_id = created.json()["jobId"]
     for target in (job_id, str(uuid.uuid4())):
         response = client.http.delete(f"{URL}/{target}", headers=bearer(other_key))
         assert (response.status_code, response.json()) == (404, {"error": "Job not found"})

@@ -173,7 +173,8 @@ def test_failed_sign_ins_are_throttled_per_account_and_per_address_and_audited(m
     assert session_id(http) is None
     failed = audit_rows(db, "login.failed")
     assert {(r["account_id"], r["ip_address"]) for r in failed} == {(account.id, "testclient")}
-    assert json.loads(failed[0]["details"]) == {"email": "dev@example.com", "reason": "wrong password"}
+    assert json.loads(failed[0]["details"]) == {"email": "dev@example.com",
+                                                "reason": "wrong password"}
     assert len(audit_rows(db, "login.throttled")) == 1
 
     # Another account from the same address is not held up by this one's failures...
@@ -250,7 +251,8 @@ def test_the_playground_charges_like_the_api_and_refuses_bad_input_for_free(inst
     job = wait_for_console_job(http, job_id)
     assert (job["status"], job["completedImages"], job["totalImages"]) == ("completed", 2, 2)
     assert client.balance(account) == 1
-    stored = db.execute("SELECT api_key_id, credits_used FROM jobs WHERE id = ?", [job_id]).fetchone()
+    stored = db.execute("SELECT api_key_id, credits_used FROM jobs WHERE id = ?",
+                        [job_id]).fetchone()
     assert stored == (None, 2)
     dashboard = http.get("/console").text
     assert job_id[:8] in dashboard and "image job" in dashboard
@@ -384,7 +386,8 @@ def test_pages_carry_security_headers_and_cookies_are_httponly_and_samesite(inst
     error_page = http.get("/console/jobs/nope", headers=HTML)
     assert error_page.status_code == 404
     assert error_page.headers["x-content-type-options"] == "nosniff"
-    assert error_page.headers["content-security-policy"] == SECURITY_HEADERS["Content-Security-Policy"]
+    policy = SECURITY_HEADERS["Content-Security-Policy"]
+    assert error_page.headers["content-security-policy"] == policy
     # Pages have no inline script or style for the policy to block.
     for path in ("/console", "/console/api-keys", "/console/playground", "/console/jobs"):
         text = http.get(path).text

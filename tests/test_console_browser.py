@@ -18,8 +18,6 @@ from appliance.accounts import accounts, audit
 from appliance.core.config import load_config
 from appliance.core.database import ConnectionPool
 
-from .test_server import server  # noqa: F401  (the fixture)
-
 pytestmark = pytest.mark.system
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -46,13 +44,14 @@ def shoot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def test_a_new_user_signs_in_makes_a_key_uses_it_and_revokes_it(server, browser):  # noqa: F811
-    base, config, process, log_path = server
+def test_a_new_user_signs_in_makes_a_key_uses_it_and_revokes_it(fresh_server, browser):
+    base, config, _, log_path = fresh_server
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
     # What `appliance accounts create` does, without starting two more processes.
     database = ConnectionPool(load_config(config).storage.database)
-    accounts.create_account(database.db(), "new@example.com", PASSWORD, audit.Actor.cli(), credits=4)
+    accounts.create_account(database.db(), "new@example.com", PASSWORD, audit.Actor.cli(),
+                            credits=4)
     accounts.create_account(database.db(), "admin@example.com", PASSWORD, audit.Actor.cli(),
                             is_admin=True)
     database.close()

@@ -109,13 +109,15 @@ def check_books(db_path: Path, images_dir: Path, account_id: int,
     conn.row_factory = sqlite3.Row
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        balance = conn.execute("SELECT credits FROM accounts WHERE id = ?", [account_id]).fetchone()[0]
+        balance = conn.execute("SELECT credits FROM accounts WHERE id = ?",
+                               [account_id]).fetchone()[0]
         ledger = conn.execute("SELECT SUM(delta), MIN(balance_after) FROM credit_ledger"
                               " WHERE account_id = ?", [account_id]).fetchone()
         assert balance == ledger[0] and ledger[1] >= 0, "balance and ledger agree"
         jobs = {row["id"]: row for row in conn.execute("SELECT * FROM jobs")}
         for job_id, size in accepted.items():
-            assert job_id in jobs and jobs[job_id]["total_images"] == size, "an accepted job is kept"
+            assert job_id in jobs, "an accepted job is kept"
+            assert jobs[job_id]["total_images"] == size
         counts = {"queued": 0, "running": 0, "completed": 0, "failed": 0, "cancelled": 0}
         paid = 0
         for job_id, job in jobs.items():

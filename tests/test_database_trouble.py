@@ -101,7 +101,8 @@ def test_a_batch_ending_while_the_database_is_locked_is_recorded_once_it_frees(
     client = make_client(load_generator=lambda: generator, app_config=config)
     account = client.account(credits=3)
     key = client.key(account)
-    job_id = client.http.post(URL, json={"prompts": ["a", "b"]}, headers=bearer(key)).json()["jobId"]
+    created = client.http.post(URL, json={"prompts": ["a", "b"]}, headers=bearer(key))
+    job_id = created.json()["jobId"]
     assert generator.entered.wait(30)
 
     with write_lock(config.storage.database):
@@ -119,7 +120,8 @@ def test_a_batch_ending_while_the_database_is_locked_is_recorded_once_it_frees(
         assert (job["status"], job["failedImages"], job["creditsRefunded"]) == ("failed", 2, 2)
         assert client.balance(account) == 3
     else:
-        assert (job["status"], job["completedImages"], job["creditsRefunded"]) == ("completed", 2, 0)
+        outcome = (job["status"], job["completedImages"], job["creditsRefunded"])
+        assert outcome == ("completed", 2, 0)
         assert client.balance(account) == 1
     assert accounts.ledger_total(client.database.db(), account.id) == client.balance(account)
 
@@ -173,7 +175,8 @@ def test_nested_transactions_are_all_or_nothing(database):
             accounts.change_credits(db, account.id, -1, "inner")
             accounts.change_credits(db, account.id, -10, "inner, too much")
     # The inner part was undone alone; the outer part stands.
-    assert accounts.get_account(db, account.id).credits == 3 == accounts.ledger_total(db, account.id)
+    balance = accounts.get_account(db, account.id).credits
+    assert balance == 3 == accounts.ledger_total(db, account.id)
 
 
 # A real full disk: a small tmpfs mounted for the test (needs root and a kernel

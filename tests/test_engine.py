@@ -209,7 +209,8 @@ def test_compiled_pipeline_is_warmed_up_and_batches_are_padded(make_config, monk
     assert rendered[-1] == 4 and len(images) == 3
     # Padding changes nothing in the images asked for.
     plain = diffusers_generator.DiffusersGenerator(generator.pipe)
-    for padded_image, image in zip(images, plain.generate(["a", "b", "c"], [1, 2, 3], SETTINGS)):
+    unpadded = plain.generate(["a", "b", "c"], [1, 2, 3], SETTINGS)
+    for padded_image, image in zip(images, unpadded, strict=True):
         assert np.abs(np.asarray(padded_image, np.int16) - np.asarray(image, np.int16)).max() <= 1
 
 
@@ -218,7 +219,8 @@ def test_vae_decoded_in_chunks_gives_the_same_images(make_config):
     whole = diffusers_generator.DiffusersGenerator(generator.pipe, vae_chunk=0)
     chunked = diffusers_generator.DiffusersGenerator(generator.pipe, vae_chunk=1)
     prompts, seeds = ["a cat", "a dog", "a fox"], [1, 2, 3]
-    for a, b in zip(whole.generate(prompts, seeds, SETTINGS), chunked.generate(prompts, seeds, SETTINGS)):
+    together = whole.generate(prompts, seeds, SETTINGS)
+    for a, b in zip(together, chunked.generate(prompts, seeds, SETTINGS), strict=True):
         assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
 
 
@@ -236,7 +238,8 @@ def test_on_the_cpu_the_unet_is_channels_last_and_the_vae_decodes_one_at_a_time(
 
 def write_tiny_vae(folder: Path) -> Path:
     torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+    AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8),
+                    decoder_block_out_channels=(8, 8, 8, 8),
                     num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)
                     ).save_pretrained(folder)
     return folder

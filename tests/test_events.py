@@ -53,7 +53,7 @@ def test_events_report_queue_position_each_image_and_the_end(make_config):
     config = make_config(engine={"batch_size": 1})
     gated = GatedGenerator(real_generator(config))
     with LiveServer(config, load_generator=lambda: gated) as live:
-        account, key = live.account_with_key(credits=6)
+        _, key = live.account_with_key(credits=6)
         headers = {"Authorization": f"Bearer {key}"}
         ahead = httpx.post(live.url + URL, json={"prompts": ["a", "b"]}, headers=headers).json()
         assert gated.started.wait(30)  # image a is in the pipeline, b waits

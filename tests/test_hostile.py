@@ -1,4 +1,4 @@
-"""Hostile input and abuse: limits, almost-valid keys, a request rate per key, foreign host names."""
+"""Hostile input and abuse: limits, almost-valid keys, a rate per key, foreign host names."""
 
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def test_a_deleted_key_and_another_accounts_key_are_each_refused_rightly(instant
 
     owner, colleague = client.account("owner@example.com", 6), client.account("c@example.com", 6)
     owner_key, colleague_key = client.key(owner), client.key(colleague)
-    job_id = client.http.post(URL, json={"prompts": ["a"]}, headers=bearer(owner_key)).json()["jobId"]
+    created = client.http.post(URL, json={"prompts": ["a"]}, headers=bearer(owner_key))
+    job_id = created.json()["jobId"]
     job = client.wait_for_job(owner_key, job_id)
 
     # Another account's key is a valid key, of someone who does not own the job.
@@ -249,5 +250,5 @@ def test_a_foreign_host_name_is_refused_on_every_route(instant_client):
 def test_a_bad_allowed_hosts_setting_stops_startup(tmp_path):
     from appliance.core.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match="server.allowed_hosts must be host names"):
+    with pytest.raises(ConfigError, match=r"server\.allowed_hosts must be host names"):
         config_from_dict({"server": {"allowed_hosts": "good.example, bad name"}}, base_dir=tmp_path)

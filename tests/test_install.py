@@ -41,7 +41,8 @@ def test_prefix_install_runs_the_installed_code_and_uninstalls(tmp_path, tiny_mo
     appliance = prefix / "bin" / "appliance"
     config = prefix / "etc" / "config.toml"
     model = prefix / "var" / "lib" / "models" / "default"
-    assert (model / "model_index.json").exists() and (prefix / "var" / "lib" / "appliance.db").exists()
+    assert (model / "model_index.json").exists()
+    assert (prefix / "var" / "lib" / "appliance.db").exists()
     assert f'data_dir = "{prefix}/var/lib"' in config.read_text()
 
     # The installed package, not this checkout, is what the command imports.

@@ -35,7 +35,7 @@ def test_only_the_sha256_of_the_key_is_stored(database, account):
 
 
 def test_key_creation_and_deletion_are_audited_with_the_address(database, account):
-    info, raw = keys.create_key(database.db(), account.id, "Dev", ACTOR)
+    info, _ = keys.create_key(database.db(), account.id, "Dev", ACTOR)
     keys.delete_key(database.db(), account.id, info.prefix, ACTOR)
     rows = list(database.db().query(
         "SELECT action, ip_address, user_agent, api_key_id FROM audit_log"
@@ -48,7 +48,7 @@ def test_deleted_key_is_refused_kept_for_audit_and_never_listed(database, accoun
     info, raw = keys.create_key(database.db(), account.id, "Old", ACTOR)
     assert keys.find_owner(database.db(), raw).key_id == info.id
     keys.delete_key(database.db(), account.id, info.prefix, ACTOR)
-    with pytest.raises(Unauthorized, match="^Invalid API key$"):
+    with pytest.raises(Unauthorized, match=r"^Invalid API key$"):
         keys.find_owner(database.db(), raw)
     assert keys.list_keys(database.db(), account.id) == []
     assert database.db()["api_keys"].get(info.id)["deleted_at"] is not None
@@ -125,7 +125,8 @@ def test_grants_and_removals_keep_balance_equal_to_the_ledger(database, account)
     assert accounts.grant_credits(db, account.email, -15, ACTOR, reason="refund to customer") == 0
     with pytest.raises(BadRequest, match="has only 0"):
         accounts.grant_credits(db, account.email, -1, ACTOR)
-    assert accounts.get_account(db, account.id).credits == accounts.ledger_total(db, account.id) == 0
+    balance = accounts.get_account(db, account.id).credits
+    assert balance == accounts.ledger_total(db, account.id) == 0
 
 
 def test_charging_below_zero_is_impossible(database, account):

@@ -82,7 +82,8 @@ def finished_job(db, account, images_dir, finished_at: datetime, count: int = 2)
     return submitted.job_id
 
 
-def test_image_retention_is_off_by_default_and_prunes_rows_and_files_when_set(make_config, database):
+def test_image_retention_is_off_by_default_and_prunes_rows_and_files_when_set(make_config,
+                                                                              database):
     db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=10)

@@ -68,7 +68,8 @@ def test_position_counts_the_images_ahead_of_a_job_in_turn_order():
 
 def test_a_discarded_job_leaves_the_line_and_frees_its_places():
     queue = ImageQueue(capacity=5)
-    kept = [QueuedImage(1, "kept", 1, 0, "p", 0, SMALL), QueuedImage(4, "kept", 1, 1, "p", 1, LARGE)]
+    kept = [QueuedImage(1, "kept", 1, 0, "p", 0, SMALL),
+            QueuedImage(4, "kept", 1, 1, "p", 1, LARGE)]
     dropped = [QueuedImage(2, "dropped", 2, 0, "p", 0, SMALL),
                QueuedImage(3, "dropped", 2, 1, "p", 1, LARGE)]
     other = [QueuedImage(5, "other", 3, 0, "p", 0, SMALL)]

@@ -38,9 +38,11 @@ def test_a_full_cli_api_and_console_run_keeps_no_secret(tmp_path, tiny_model, la
     try:
         with httpx.Client(base_url=server.url, timeout=30) as api:
             headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "run-1"}
-            job_id = api.post(URL, json={"prompts": ["a lighthouse"]}, headers=headers).json()["jobId"]
+            created = api.post(URL, json={"prompts": ["a lighthouse"]}, headers=headers)
+            job_id = created.json()["jobId"]
             deadline = time.monotonic() + 60
-            while (job := api.get(f"{URL}/{job_id}", headers=headers).json())["status"] != "completed":
+            while (job := api.get(f"{URL}/{job_id}", headers=headers).json())["status"] \
+                    != "completed":
                 assert time.monotonic() < deadline, job
                 time.sleep(0.1)
             assert api.get(job["images"][0]["url"], headers=headers).status_code == 200

@@ -3,52 +3,22 @@
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 from PIL import Image
 
-from appliance.bench.serving import answers_ok
-
-from .serve_process import cli, free_port
+from .serve_process import cli
 
 pytestmark = pytest.mark.system
 
 DOC_PROMPTS = ["A beautiful sunset over the ocean", "A futuristic cityscape"]
 
 
-@pytest.fixture
-def server(tmp_path):
-    port = free_port()
-    config = tmp_path / "config.toml"
-    # No model folder: serve must make the tiny demo model by itself.
-    config.write_text(
-        f'[server]\nport = {port}\n'
-        '[model]\npath = "models/demo"\ndevice = "cpu"\n'
-        '[generation]\nwidth = 64\nheight = 64\nsteps = 2\n'
-    )
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "appliance", "serve", "--config", str(config)],
-                                   stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    if not answers_ok(f"{base}/healthz", lambda: process.poll() is None, 120):
-        process.kill()
-        raise AssertionError(f"server did not start:\n{log_path.read_text()}")
-    yield base, config, process, log_path
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-
-
-def test_documented_curl_flow_on_a_real_server(server, tmp_path):
-    base, config, process, log_path = server
+def test_documented_curl_flow_on_a_real_server(fresh_server, tmp_path):
+    base, config, process, log_path = fresh_server
     cli(config, "accounts", "create", "dev@example.com", "--credits", "6", "--password-stdin",
         stdin="correct horse battery\n")
     key = cli(config, "keys", "create", "dev@example.com", "--name", "Production").splitlines()[-1]

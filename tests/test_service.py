@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -32,10 +34,8 @@ class NotifySocket:
     def collect(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(TimeoutError):
                 self.messages.append((time.monotonic(), self.sock.recv(4096).decode()))
-            except TimeoutError:
-                pass
 
     def wait_for(self, text: str, timeout: float, process: subprocess.Popen) -> float:
         deadline = time.monotonic() + timeout
@@ -100,7 +100,7 @@ def test_ready_only_when_loaded_and_watchdog_only_while_the_worker_comes_back(
     idle_pings = [t for t in notify.times("WATCHDOG=1") if t > ready_at]
     # Every half period (0.2 s) when the machine is not too busy to say so.
     assert len(idle_pings) >= 4, notify.messages
-    assert max(b - a for a, b in zip(idle_pings, idle_pings[1:])) < 2.0
+    assert max(b - a for a, b in itertools.pairwise(idle_pings)) < 2.0
 
     # One service per data folder: a second one is refused before it loads anything.
     second = subprocess.run([sys.executable, "-m", "appliance", "serve", "--config", str(config),

@@ -161,10 +161,10 @@ def generate(client: Client, body: dict[str, Any], out_dir: Path,
         if image["index"] in ended:
             return
         ended.add(image["index"])
-        if image["status"] == "completed":
+        if image["status"] == ImageStatus.COMPLETED:
             path = out_dir / f"{job_id}-{image['index']}.png"
             outcome.saved.append(client.download(image["url"], path))
-        elif image["status"] == "failed":
+        elif image["status"] == ImageStatus.FAILED:
             outcome.failed.append(f"image {image['index']}: {image.get('error', 'failed')}")
         else:
             outcome.cancelled += 1

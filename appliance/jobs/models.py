@@ -28,9 +28,9 @@ class ImageStatus(StrEnum):
         return self in _FINISHED_IMAGE
 
     @property
-    def pending(self) -> bool:
-        """Still owed to its owner: waiting or being made."""
-        return not self.finished
+    def made(self) -> bool:
+        """Its PNG is on disk, for its owner to fetch."""
+        return self is ImageStatus.COMPLETED
 
 
 class JobStatus(StrEnum):

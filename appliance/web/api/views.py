@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from litestar import Request
 
-from appliance.jobs.models import ImageStatus, ImageView, JobView
+from appliance.jobs.models import ImageView, JobView
 from appliance.web.api.schemas import JobImage, JobParameters, JobResponse
 
 # (job id, image index) -> where the owner fetches that image's PNG
@@ -26,7 +26,7 @@ def image_response(job_id: str, image: ImageView, image_url: ImageUrl) -> JobIma
         prompt=image.prompt,
         status=image.status,
         seed=image.seed,
-        url=image_url(job_id, image.index) if image.status == ImageStatus.COMPLETED else None,
+        url=image_url(job_id, image.index) if image.status.made else None,
         error=image.error,
         finished_at=image.finished_at,
     )
