@@ -187,6 +187,7 @@ def test_ctrl_c_exits_130_quietly(config_file, monkeypatch):
     assert (result.exit_code, result.output) == (130, "")
 
 
+@pytest.mark.system
 def test_the_real_command_exits_with_its_status_and_one_line(config_file):
     made = run(config_file, "accounts", "create", "dev@example.com", "--password-stdin",
                stdin="correct horse battery\n")
@@ -217,6 +218,7 @@ def _read_until(fd: int, wanted: bytes, seen: bytearray) -> None:
         seen += chunk
 
 
+@pytest.mark.system
 def test_the_password_is_asked_for_twice_on_a_terminal_without_echo(config_file):
     password = "a terminal password"
     # pty.fork, not subprocess: the command must have the terminal as its controlling one.

@@ -44,6 +44,7 @@ def run(key: str | None, *args: str) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
+@pytest.mark.system
 def test_generate_saves_one_png_per_prompt_with_a_progress_bar(live, tmp_path):
     account, key = live.account_with_key(credits=5)
     out_dir = tmp_path / "out"
@@ -64,6 +65,7 @@ def test_generate_saves_one_png_per_prompt_with_a_progress_bar(live, tmp_path):
     assert live.balance(account) == 3 == accounts.ledger_total(live.db, account.id)
 
 
+@pytest.mark.system
 def test_refusals_are_one_line_and_charge_nothing(live, tmp_path):
     rich, rich_key = live.account_with_key("rich@example.com", credits=5)
     poor, poor_key = live.account_with_key("poor@example.com", credits=1)
