@@ -129,7 +129,12 @@ class Housekeeping:
         db = self.database.db()
         wal = Path(f"{self.database.path}-wal")
         before = wal.stat().st_size if wal.exists() else 0
-        db.execute("PRAGMA optimize")
+        # optimize may write (ANALYZE): as a plain statement it starts as a reader
+        # and fails at once ("database is locked") when another connection commits
+        # meanwhile; holding the write lock from the start makes it wait its turn.
+        with immediate(db):
+            db.execute("PRAGMA optimize")
+        # A checkpoint cannot run inside a transaction.
         busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         after = wal.stat().st_size if wal.exists() else 0
         log.info("database upkeep: optimized; WAL folded back from %d to %d bytes%s", before, after,
