@@ -91,6 +91,12 @@ install_test_tools() {
         say "installing systemd's tools (the tests verify the unit file with them)"
         apt_install systemd
     fi
+    # The boot test installs the appliance on a minimal Debian booted with systemd
+    # as PID 1 in a container.
+    if ! command -v systemd-nspawn >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+        say "installing systemd-nspawn and debootstrap (the boot test runs a minimal Debian)"
+        apt_install systemd-container debootstrap
+    fi
     # The console's browser tests drive Debian's chromium through Playwright,
     # which never downloads a browser of its own; a font keeps screenshots legible.
     if ! command -v chromium >/dev/null 2>&1; then
@@ -317,9 +323,22 @@ install_unit() {
     systemctl daemon-reload
     systemctl enable "$APP.service"
     say "starting $APP (it reports ready once the model is loaded)"
-    systemctl restart "$APP.service" ||
-        die "the service did not start: see journalctl -u $APP -e, and run appliance doctor"
+    if ! systemctl restart "$APP.service"; then
+        explain_failed_start
+        die "the service did not start (the reason is above); after fixing it, run install.sh again or systemctl restart $APP"
+    fi
     say "running: systemctl status $APP, journalctl -u $APP -f"
+}
+
+# Why the unit did not become active: its state, and its last journal lines
+# with systemd's own messages about it (such as a user or group it could not
+# set up), which `journalctl -u` leaves out.
+explain_failed_start() {
+    printf '\n' >&2
+    systemctl status --no-pager --lines=0 "$APP.service" >&2 || true
+    printf '\n--- the last journal lines of %s:\n' "$APP" >&2
+    journalctl --no-pager --quiet -n 40 "_SYSTEMD_UNIT=$APP.service" + "UNIT=$APP.service" >&2 || true
+    printf -- '---\n' >&2
 }
 
 install_service() {
@@ -402,7 +421,13 @@ uninstall_service() {
             userdel "$SERVICE_USER" || warn "could not remove the user $SERVICE_USER"
         fi
         if [ -d "$BACKUP_DIR" ]; then
-            say "kept the backups in $BACKUP_DIR"
+            if [ "$system" = 1 ]; then
+                # Its owner is gone; a later user given the same id must not inherit them.
+                chown -R root:root "$BACKUP_DIR"
+                say "kept the backups in $BACKUP_DIR, now owned by root"
+            else
+                say "kept the backups in $BACKUP_DIR"
+            fi
         fi
     else
         say "kept the config in $ETC_DIR and the data and models in $STATE_DIR (--purge removes them)"

@@ -23,6 +23,12 @@ from .helpers import QUICK_HASHER, TEST_GENERATION, Client, InstantGenerator
 from .serve_process import Launcher, free_port
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--boot", action="store_true",
+                     help="run the boot test (tests/test_boot.py): the system install on a"
+                          " Debian booted in a container; .ci/run's last step")
+
+
 @pytest.fixture(autouse=True)
 def quick_password_hashing(request, monkeypatch) -> None:
     # Hashes carry their parameters, so verify_password checks these as it
