@@ -91,6 +91,11 @@ install_test_tools() {
         say "installing systemd's tools (the tests verify the unit file with them)"
         apt_install systemd
     fi
+    # The HTTP benchmark (appliance bench-api) loads the server with wrk; its test runs it.
+    if ! command -v wrk >/dev/null 2>&1; then
+        say "installing wrk (the HTTP benchmark's load generator)"
+        apt_install wrk
+    fi
     # The boot test installs the appliance on a minimal Debian booted with systemd
     # as PID 1 in a container.
     if ! command -v systemd-nspawn >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
