@@ -11,6 +11,8 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from litestar.testing import TestClient
 
 from appliance.accounts import accounts, audit
@@ -19,7 +21,7 @@ from appliance.core.config import LoggingConfig
 from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import image_relpath, mark_completed, mark_running, submit
 from appliance.ops.housekeeping import Housekeeping
-from appliance.runtime.logs import configure_logging
+from appliance.runtime.logs import _SECRET_PATTERNS, configure_logging, redact
 from appliance.services import Services
 from appliance.web.app import create_app
 
@@ -286,3 +288,21 @@ def test_logs_are_structured_and_never_carry_secrets():
     everything = stream.getvalue()
     assert key not in everything and key[8:] not in everything
     assert "hunter2" not in everything and "0123abcd" not in everything
+
+
+# Pieces of lines: the patterns' words in several cases, and letters that match ASCII
+# ones only case-insensitively beyond ASCII (long s, dotted I, Kelvin sign).
+LINE_PIECES = ["wi_live_", "WI_LIVE_", "Bearer ", "bearer\t", "password", "PassWd", "secret",
+               "\u017fecret", "session-id", "Cookie", "authorization", "TOKEN", "=", ": ", "'",
+               '"', "abc123", " ", "\u00e9", "\u0130", "\u212a", "&", ";"]
+
+
+@given(st.lists(st.sampled_from(LINE_PIECES), max_size=12).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_redaction_skips_only_lines_no_pattern_can_match(text):
+    # redact() looks for each pattern's words before running it; the answer must be the
+    # one every pattern run over the line gives.
+    expected = text
+    for pattern, replacement in _SECRET_PATTERNS:
+        expected = pattern.sub(replacement, expected)
+    assert redact(text) == expected

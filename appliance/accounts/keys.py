@@ -158,4 +158,8 @@ class LastUsedRecorder:
 
     def record(self, db: Database, key_id: int) -> None:
         if self.due(key_id):
-            db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [utc_now(), key_id])
+            write_last_used(db, key_id)
+
+
+def write_last_used(db: Database, key_id: int) -> None:
+    db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [utc_now(), key_id])

@@ -36,9 +36,20 @@ _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, No
     "message", "asctime", "taskName"}
 
 
+# The words without which each pattern above cannot match.
+_CLUES = (("wi_live_",), ("bearer",),
+          ("password", "passwd", "secret", "session", "cookie", "authorization", "token"))
+
+
 def redact(text: str) -> str:
-    for pattern, replacement in _SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
+    # Every request's access line comes through here, and most lines hold none
+    # of the words the patterns need: looking for those first costs a tenth of
+    # running the patterns. Case-insensitive matching beyond ASCII has more
+    # spellings than lower() finds, so other text always goes through them all.
+    lowered = text.lower() if text.isascii() else None
+    for (pattern, replacement), clues in zip(_SECRET_PATTERNS, _CLUES, strict=True):
+        if lowered is None or any(clue in lowered for clue in clues):
+            text = pattern.sub(replacement, text)
     return text
 
 

@@ -24,6 +24,9 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
         token = token_from_header(connection.headers.get("authorization"))
-        owner = await anyio.to_thread.run_sync(self.keys.authenticate, token)
+        # A read, checked on every request and quick: here, not on a thread.
+        owner = self.keys.owner(token)
         self.rate_limiter.check(owner.key_id)
+        if self.keys.use_is_due(owner.key_id):
+            await anyio.to_thread.run_sync(self.keys.record_use, owner.key_id)
         return AuthenticationResult(user=owner, auth=owner.key_id)

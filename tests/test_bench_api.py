@@ -1,0 +1,62 @@
+"""`appliance bench-api`: wrk's figures read right, and a short real run that prints them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from appliance.bench.http import Load, parse_wrk
+from appliance.cli.main import main
+
+WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:18999/job
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     0.86ms    0.89ms  10.67ms   95.60%
+    Req/Sec     5.47k     0.96k    6.12k    81.82%
+  Latency Distribution
+     50%  668.00us
+     75%  708.00us
+     90%  827.00us
+     99%    6.20ms
+  5983 requests in 1.10s, 765.52KB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   5439.80
+Transfer/sec:    696.02KB
+"""
+
+
+def test_wrk_figures_are_read_with_their_units():
+    assert parse_wrk(WRK_OUTPUT) == Load(requests_per_second=5439.80, p50_ms=0.668, p99_ms=6.2,
+                                         errors=7)
+
+
+def test_output_without_figures_is_an_error():
+    with pytest.raises(RuntimeError, match="wrk printed no figures"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+@pytest.mark.system
+@pytest.mark.usefixtures("root_handlers_restored")
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (install.sh --test)")
+def test_a_short_run_prints_each_figure_beside_the_bare_route(tiny_model, tmp_path, capsys):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n')
+    results = tmp_path / "api.json"
+    code = main(["bench-api", "--config", str(config), "--seconds", "1", "--connections", "4",
+                 "--posts", "2", "--json", str(results)])
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed)
+    assert code == 0
+    result = json.loads(results.read_text())
+    loads = result["loads"]
+    assert set(loads) == {"bare_route", "healthz", "job_read", "image_download"}
+    assert loads["bare_route"]["ratio"] == 1.0
+    for name, figure in loads.items():
+        assert figure["requests_per_second"] > 0 and figure["errors"] == 0, name
+        assert 0 < figure["p50_ms"] <= figure["p99_ms"], name
+    assert result["posts"] == 2 and result["post_100_prompts_p50_ms"] > 0
+    assert "GET job (authenticated): " in printed and "x), p50" in printed
