@@ -32,7 +32,6 @@ from appliance.core.config import (
     read_config_file,
 )
 from appliance.core.devices import ALL, resolve_devices
-from appliance.engine.diffusers_generator import ensure_model, setting_path
 from appliance.engine.gpu import cuda_devices
 
 # Multiply-adds counted twice: one SD 1.5 UNet forward on one 64x64 latent
@@ -153,7 +152,7 @@ def server_sections(options: BenchOptions, work: Path, port: int) -> dict[str, d
     engine = section_values(config.engine)
     if config.engine.tiny_vae:
         # The server's config lives in another folder: a relative path would point elsewhere.
-        engine["tiny_vae"] = str(setting_path(config, config.engine.tiny_vae))
+        engine["tiny_vae"] = str(config.resolve(config.engine.tiny_vae))
     engine["queue_capacity"] = max(config.engine.queue_capacity, total)
     return {
         "server": {"host": "127.0.0.1", "port": port},
@@ -198,6 +197,9 @@ def run_appliance(options: BenchOptions, work: Path) -> dict[str, Any]:
 def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     config = options.config
     generation, engine, model = config.generation, config.engine, config.model.path
+    # Imported here: it loads torch, which the rest of the benchmark's parent does not need.
+    from appliance.engine.diffusers_generator import ensure_model
+
     ensure_model(model)
     work = Path(tempfile.mkdtemp(prefix="appliance-bench-"))
     try:

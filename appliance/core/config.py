@@ -444,6 +444,14 @@ class Config:
     def secret_file(self) -> Path:
         return self.storage.data_dir / "secret_key"
 
+    def resolve(self, text: str) -> Path:
+        """A path from a string setting (engine.tiny_vae, where empty means none),
+        relative to the config file's folder as the path settings are."""
+        path = Path(text).expanduser()
+        if path.is_absolute():
+            return path
+        return (self.source.parent if self.source else Path.cwd()) / path
+
 
 # In config.toml's order.
 SECTIONS: dict[str, type] = {

@@ -108,14 +108,6 @@ def ensure_model(model_dir: Path) -> Path:
     return model_dir
 
 
-def setting_path(config: Config, text: str) -> Path:
-    """A path from a string setting, relative to the config file's folder like the others."""
-    path = Path(text).expanduser()
-    if path.is_absolute():
-        return path
-    return (config.source.parent if config.source else Path.cwd()) / path
-
-
 def load_configured_generator(config: Config, device: str | None = None) -> DiffusersGenerator:
     """Loads, speeds up and warms up the model on `device` (default: model.device).
 
@@ -133,7 +125,7 @@ def load_configured_generator(config: Config, device: str | None = None) -> Diff
     log.info("loading the model from %s on %s (%s)", model_dir, device, dtype)
     pipe = load_pipeline(model_dir, device, dtype)
     if engine.tiny_vae:
-        use_tiny_vae(pipe, setting_path(config, engine.tiny_vae), dtype)
+        use_tiny_vae(pipe, config.resolve(engine.tiny_vae), dtype)
     optimize_pipeline(pipe, device, engine.channels_last)
     if engine.vae_decode_chunk:
         use_vae_slicing(pipe)
