@@ -26,7 +26,8 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         token = token_from_header(connection.headers.get("authorization"))
         # A read, checked on every request and quick: here, not on a thread.
         owner = self.keys.owner(token)
-        self.rate_limiter.check(owner.key_id)
+        # Any request with a live key is a use of it, one refused for its rate too.
         if self.keys.use_is_due(owner.key_id):
             await anyio.to_thread.run_sync(self.keys.record_use, owner.key_id)
+        self.rate_limiter.check(owner.key_id)
         return AuthenticationResult(user=owner, auth=owner.key_id)
