@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,11 +122,6 @@ def server_config(config: Config, work: Path, port: int, credits: int) -> dict[s
     }
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def run_api_benchmark(config: Config, seconds: int, connections: int,
                       posts: int) -> dict[str, Any]:
     if shutil.which("wrk") is None:
@@ -175,8 +169,8 @@ def run_api_benchmark(config: Config, seconds: int, connections: int,
         "loads": {name: {**vars(figure),
                          "ratio": figure.requests_per_second / baseline}
                   for name, figure in figures.items()},
-        "post_100_prompts_p50_ms": statistics.median(post_seconds) * 1000,
-        "post_100_prompts_p95_ms": _percentile(post_seconds, 0.95) * 1000,
+        "post_100_prompts_p50_ms": serving.percentile(post_seconds, 0.50) * 1000,
+        "post_100_prompts_p95_ms": serving.percentile(post_seconds, 0.95) * 1000,
         "posts": posts,
     }
 
