@@ -24,6 +24,13 @@
 #   --reuse-packages   let the environment use the packages PY already has (a conda or
 #                      vendor Python with a CUDA torch, another installation's environment):
 #                      only what is missing gets installed
+#   --tls              serve HTTPS: make a self-signed certificate for this machine (its
+#                      name, localhost and its IP addresses; EC P-256, 825 days) in the data
+#                      folder, unless one is there, and set server.tls_certificate and
+#                      server.tls_key in the config (an existing config too)
+#   --tls-cert FILE --tls-key FILE
+#                      serve HTTPS with this certificate (PEM, any intermediates after it)
+#                      and its unencrypted key instead: both are copied into the data folder
 #
 # Environment:
 #   PYTHON            the Python 3.11+ to build the virtual environment with (default: python3)
@@ -101,6 +108,11 @@ install_test_tools() {
     if ! command -v systemd-nspawn >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
         say "installing systemd-nspawn and debootstrap (the boot test runs a minimal Debian)"
         apt_install systemd-container debootstrap
+    fi
+    # The HTTPS tests make their certificates with openssl, as --tls does.
+    if ! command -v openssl >/dev/null 2>&1; then
+        say "installing openssl (the HTTPS tests make certificates with it)"
+        apt_install openssl
     fi
     # The console's browser tests drive Debian's chromium through Playwright,
     # which never downloads a browser of its own; a font keeps screenshots legible.
@@ -287,6 +299,92 @@ write_config() {
     mv "$CONFIG.tmp" "$CONFIG"
 }
 
+# Every address of this machine but loopback and IPv6 link-local, one a line.
+machine_addresses() {
+    if hostname -I >/dev/null 2>&1; then
+        hostname -I | tr ' ' '\n' | sed '/^$/d'
+    elif command -v ip >/dev/null 2>&1; then
+        ip -o addr show scope global | awk '{ sub("/.*", "", $4); print $4 }'
+    fi
+}
+
+make_certificate() {
+    local cert="$1" key="$2" host names address
+    command -v openssl >/dev/null 2>&1 ||
+        die "--tls needs openssl to make a certificate: install it, or give one with --tls-cert and --tls-key"
+    host="$(hostname 2>/dev/null || true)"
+    names="DNS:localhost,IP:127.0.0.1,IP:::1"
+    if [ -n "$host" ] && [ "$host" != localhost ]; then
+        names="DNS:$host,$names"
+    fi
+    for address in $(machine_addresses); do
+        names="$names,IP:$address"
+    done
+    say "making a self-signed certificate for $names"
+    # 825 days: the longest validity macOS and iOS accept for a certificate they are told to trust.
+    (umask 077 && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 825 \
+        -subj "/CN=${host:-localhost}" -addext "subjectAltName=$names" \
+        -addext "extendedKeyUsage=serverAuth" -keyout "$key" -out "$cert" 2>/dev/null) ||
+        die "openssl could not make the certificate"
+}
+
+# Sets a [server] setting in the config's copy $CONFIG.tmp, adding it if the config predates it.
+set_server_setting() {
+    local name="$1" value="$2"
+    if grep -q "^$name = " "$CONFIG.tmp"; then
+        sed -i "s|^$name = .*\$|$name = \"$value\"|" "$CONFIG.tmp"
+    elif grep -qx '\[server\]' "$CONFIG.tmp"; then
+        sed -i "/^\[server\]\$/a $name = \"$value\"" "$CONFIG.tmp"
+    else
+        printf '\n[server]\n%s = "%s"\n' "$name" "$value" >>"$CONFIG.tmp"
+    fi
+}
+
+install_tls() {
+    local system="$1" tls="$2" tls_cert="$3" tls_key="$4"
+    local dir="$STATE_DIR/tls"
+    local cert="$dir/server.crt" key="$dir/server.key"
+    if [ "$tls" = 0 ]; then
+        return
+    fi
+    mkdir -p "$dir"
+    rm -f "$cert.tmp" "$key.tmp"
+    if [ -n "$tls_cert" ]; then
+        say "installing the certificate $tls_cert and its key as $cert and $key"
+        cp "$tls_cert" "$cert.tmp"
+        (umask 077 && cp "$tls_key" "$key.tmp")
+    elif [ -f "$cert" ] && [ -f "$key" ]; then
+        say "keeping the certificate $cert"
+    else
+        make_certificate "$cert.tmp" "$key.tmp"
+    fi
+    if [ -f "$cert.tmp" ]; then
+        chmod 644 "$cert.tmp"
+        chmod 600 "$key.tmp"
+        if [ "$system" = 1 ]; then
+            chown "$SERVICE_USER:$SERVICE_USER" "$dir" "$cert.tmp" "$key.tmp"
+        fi
+        mv "$key.tmp" "$key"
+        mv "$cert.tmp" "$cert"
+    fi
+    # A copy that keeps the config's owner and mode, edited, then put in place whole.
+    cp -p "$CONFIG" "$CONFIG.tmp"
+    set_server_setting tls_certificate "$cert"
+    set_server_setting tls_key "$key"
+    mv "$CONFIG.tmp" "$CONFIG"
+    # The service's own check of the files, so that a problem shows now, not at its start.
+    "$VENV/bin/python" -c '
+import sys
+from appliance.core.config import ConfigError, load_config
+from appliance.core.tls import tls_context
+try:
+    tls_context(load_config(sys.argv[1]))
+except ConfigError as problem:
+    sys.exit(f"install.sh: {problem}")
+' "$CONFIG" || die "the service could not use the certificate (see above)"
+    say "HTTPS is on; clients trust the certificate $cert, e.g. curl --cacert server.crt https://$(hostname 2>/dev/null || echo localhost):PORT/healthz"
+}
+
 install_model() {
     local system="$1" model="$2" model_dir="$3" no_model="$4"
     local model_path
@@ -348,6 +446,7 @@ explain_failed_start() {
 
 install_service() {
     local prefix="$1" python="$2" reuse="$3" model="$4" model_dir="$5" no_model="$6"
+    local tls="$7" tls_cert="$8" tls_key="$9"
     local root system=1
     root="$(cd "$(dirname "$0")" && pwd)"
     [ -f "$root/pyproject.toml" ] || die "run install.sh from a checkout of AI Media Maker"
@@ -357,6 +456,12 @@ install_service() {
     if [ -n "$model_dir" ]; then
         model_dir="$(absolute "$model_dir")"
     fi
+    local given
+    for given in "$tls_cert" "$tls_key"; do
+        if [ -n "$given" ] && [ ! -f "$given" ]; then
+            die "$given is not a file (--tls-cert and --tls-key name the certificate and its key)"
+        fi
+    done
     if [ "$system" = 1 ]; then
         [ "$(id -u)" = 0 ] || die "the system install needs root: run it with sudo, or use --prefix DIR"
         create_user
@@ -387,6 +492,7 @@ install_service() {
     write_config "$root" "$system"
     printf 'layout=%s\nconfig=%s\ndata=%s\n' "$([ "$system" = 1 ] && echo system || echo prefix)" \
         "$CONFIG" "$STATE_DIR" >"$MARKER"
+    install_tls "$system" "$tls" "$tls_cert" "$tls_key"
     "$WRAPPER" init
     install_model "$system" "$model" "$model_dir" "$no_model"
     if [ "$system" = 1 ]; then
@@ -443,6 +549,7 @@ uninstall_service() {
 main() {
     local mode=service with_tests=0 prefix="" purge=0 reuse=0 no_model=0
     local python="${PYTHON:-python3}" model="$DEFAULT_MODEL" model_dir=""
+    local tls=0 tls_cert="" tls_key=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --dev) mode=dev ;;
@@ -455,6 +562,9 @@ main() {
             --model) [ $# -ge 2 ] || die "--model needs a Hugging Face model id"; model="$2"; shift ;;
             --model-dir) [ $# -ge 2 ] || die "--model-dir needs a folder"; model_dir="$2"; shift ;;
             --no-model) no_model=1 ;;
+            --tls) tls=1 ;;
+            --tls-cert) [ $# -ge 2 ] || die "--tls-cert needs a certificate file"; tls_cert="$(absolute "$2")"; shift ;;
+            --tls-key) [ $# -ge 2 ] || die "--tls-key needs a key file"; tls_key="$(absolute "$2")"; shift ;;
             -h|--help) usage; exit 0 ;;
             *) die "unknown option $1 (see --help)" ;;
         esac
@@ -469,10 +579,18 @@ main() {
     if [ "$mode" = dev ] && [ -n "$prefix" ]; then
         die "--dev builds .venv in the checkout; it takes no --prefix"
     fi
+    if [ -n "$tls_cert" ] || [ -n "$tls_key" ]; then
+        { [ -n "$tls_cert" ] && [ -n "$tls_key" ]; } || die "--tls-cert and --tls-key go together"
+        tls=1
+    fi
+    if [ "$tls" = 1 ] && [ "$mode" != service ]; then
+        die "--tls, --tls-cert and --tls-key go with a system or --prefix install"
+    fi
     case "$mode" in
         dev) install_dev "$with_tests" ;;
         uninstall) uninstall_service "$prefix" "$purge" ;;
-        service) install_service "$prefix" "$python" "$reuse" "$model" "$model_dir" "$no_model" ;;
+        service) install_service "$prefix" "$python" "$reuse" "$model" "$model_dir" "$no_model" \
+            "$tls" "$tls_cert" "$tls_key" ;;
     esac
 }
 

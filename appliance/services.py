@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import anyio.to_thread
+
 from appliance.accounts.service import AccountService, AuditService, KeyService, SignInService
 from appliance.accounts.signin import SignInLimits
 from appliance.core.config import Config
@@ -67,4 +69,8 @@ class Services:
         # The scheduler's jobs and the engine's last batches end before the database closes.
         await self.scheduler.stop()
         self.engine.stop()
+        # The keys' last uses noted in the last moments are written, unless the
+        # database refuses them for longer than a write may wait.
+        await anyio.to_thread.run_sync(self.keys.uses.wait,
+                                       self.config.storage.busy_timeout_seconds)
         self.database.close()

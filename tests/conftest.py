@@ -19,6 +19,7 @@ from appliance.engine.synth import synthesize
 from appliance.services import Services
 from appliance.web.app import create_app
 
+from .cli_helpers import write_cli_config
 from .helpers import QUICK_HASHER, TEST_GENERATION, Client, InstantGenerator
 from .serve_process import Launcher, free_port
 
@@ -104,6 +105,12 @@ def instant_client(make_client) -> Client:
     """The app with InstantGenerator in place of the model, for tests of what surrounds the
     pipeline: loading the model, and running it for every job, would be most of their time."""
     return make_client(load_generator=InstantGenerator)
+
+
+@pytest.fixture
+def config_file(tmp_path) -> Path:
+    """A config file for in-process commands (cli_helpers.invoke)."""
+    return write_cli_config(tmp_path)
 
 
 @pytest.fixture

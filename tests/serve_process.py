@@ -56,14 +56,17 @@ def cli(config: Path, *args: str, stdin: str = "") -> str:
 # `appliance serve` from there: every server is still its own process, running
 # the command's own code, and dies by SIGKILL like any other.
 _LAUNCHER = r"""
-import os, signal, sys, traceback
+import os, resource, signal, sys, traceback
 import appliance.web.app, appliance.cli.main, appliance.engine.diffusers_generator
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the servers
 for line in sys.stdin:
-    config, log = line.rstrip("\n").split("\t")
+    config, log, open_files = line.rstrip("\n").split("\t")
     pid = os.fork()
     if pid == 0:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if open_files:
+            soft, hard = map(int, open_files.split(":"))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.dup2(out, 1)
         os.dup2(out, 2)
@@ -87,9 +90,12 @@ class Launcher:
                                         stdout=subprocess.PIPE, text=True,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-    def serve(self, config: Path, log_path: Path) -> int:
-        """Starts `appliance serve --config CONFIG` with its output appended to LOG; its pid."""
-        self.process.stdin.write(f"{config}\t{log_path}\n")
+    def serve(self, config: Path, log_path: Path,
+              open_files: tuple[int, int] | None = None) -> int:
+        """Starts `appliance serve --config CONFIG` with its output appended to LOG; its pid.
+        `open_files`: the (soft, hard) limit of open files it starts with."""
+        limit = f"{open_files[0]}:{open_files[1]}" if open_files else ""
+        self.process.stdin.write(f"{config}\t{log_path}\t{limit}\n")
         self.process.stdin.flush()
         line = self.process.stdout.readline()
         assert line, "the launcher died"
@@ -115,16 +121,18 @@ def alive(pid: int) -> bool:
 class ServeProcess:
     """`appliance serve --config CONFIG` from a Launcher, its output appended to `log_path`."""
 
-    def __init__(self, config: Path, log_path: Path, launcher: Launcher):
+    def __init__(self, config: Path, log_path: Path, launcher: Launcher,
+                 open_files: tuple[int, int] | None = None):
         self.config = config
         self.log_path = log_path
         self.launcher = launcher
+        self.open_files = open_files
         port = next(line for line in config.read_text().splitlines() if line.startswith("port"))
         self.url = f"http://127.0.0.1:{port.split('=')[1].strip()}"
         self.pid: int | None = None
 
     def start(self) -> ServeProcess:
-        self.pid = self.launcher.serve(self.config, self.log_path)
+        self.pid = self.launcher.serve(self.config, self.log_path, self.open_files)
         self.wait_ready()
         return self
 

@@ -227,6 +227,8 @@ def test_last_used_is_recorded_on_use(instant_client):
     key = client.key(account)
     assert keys.list_keys(client.database.db(), account.id)[0].last_used_at is None
     client.http.get(f"{URL}/{uuid.uuid4()}", headers=bearer(key))
+    # Written on a thread of its own, so that the request does not wait for it.
+    assert client.services.keys.uses.wait(5)
     assert keys.list_keys(client.database.db(), account.id)[0].last_used_at is not None
 
 

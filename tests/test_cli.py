@@ -14,24 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
 from appliance.cli.main import cli
 from appliance.core.database import open_database
+
+from .cli_helpers import invoke
 
 # The command points the root logger at CliRunner's stderr, which closes after it.
 pytestmark = pytest.mark.usefixtures("root_handlers_restored")
 
 
-@pytest.fixture
-def config_file(tmp_path) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text('[storage]\ndata_dir = "state"\ndatabase = "state/app.db"\n')
-    return path
-
-
-def invoke(config_file: Path, *args: str, stdin: str = "") -> Result:
-    return CliRunner().invoke(cli, [*args, "--config", str(config_file)], input=stdin)
 
 
 def run(config_file: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -119,7 +112,8 @@ def test_config_is_taken_before_the_command_or_on_it(config_file, tmp_path):
         (("accounts", "create", "dev@example.com"), "", 1,
          "appliance: no terminal to ask for the password: use --password-stdin"),
         (("accounts", "create", "x@example.com", "--credits", "-1", "--password-stdin"),
-         "long enough\n", 1, "appliance: --credits cannot be negative"),
+         "long enough\n", 2,
+         "argument --credits: '-1' is out of range: it must be from 0 to 1000000000000"),
         (("accounts", "create", "x@example.com", "--credits", "1.5"), "", 2,
          "argument --credits: '1.5' is not a whole number"),
         (("accounts", "create", "not-an-email", "--password-stdin"), "long enough\n", 1,
@@ -161,12 +155,18 @@ def test_a_missing_command_is_named_like_an_argument(config_file, args, message)
     assert (result.exit_code, result.stdout, result.stderr) == (2, "", message + "\n")
 
 
-def test_whole_numbers_are_what_int_accepts(config_file):
+def test_whole_numbers_are_ascii_digits_with_an_optional_minus(config_file):
     invoke(config_file, "accounts", "create", "dev@example.com", "--password-stdin",
            stdin="correct horse battery\n")
-    for amount, balance in ((" 7", 7), ("1_000", 1007), ("+3", 1010)):
+    for amount, balance in (("7", 7), ("007", 14), ("-4", 10)):
         granted = invoke(config_file, "credits", "grant", "dev@example.com", amount)
         assert granted.stdout == f"dev@example.com now has {balance} credits\n", granted.output
+    # What int() would also take, each refused with one line and nothing granted.
+    for amount in (" 7", "1_000", "+3", "\u0663", "\uff13"):
+        refused = invoke(config_file, "credits", "grant", "dev@example.com", amount)
+        assert refused.exit_code == 2 and "is not a whole number" in refused.stderr, amount
+    assert invoke(config_file, "credits", "grant", "dev@example.com", "1").stdout == (
+        "dev@example.com now has 11 credits\n")
 
 
 def test_bad_config_stops_with_one_line(tmp_path):

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import gc
+import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 import appliance.core.database as core_database
-from appliance.accounts import accounts
+from appliance.accounts import accounts, keys
+from appliance.cli.main import cli
+from appliance.core.config import load_config
 from appliance.core.database import ConnectionPool, immediate, open_database
+from appliance.ops.doctor import PROBLEM, check_database
 
+from .console_helpers import HTML, csrf, sign_in
 from .helpers import InstantGenerator, bearer
 
 URL = "/api/playground/images"
@@ -241,3 +250,245 @@ def test_a_full_disk_gets_503_then_works_again_once_space_is_freed(
         assert client.balance(account) == 498 == accounts.ledger_total(database.db(), account.id)
     finally:
         database.close()
+
+
+# Reads while writes wait: another process holding the write lock makes the charging
+# writes wait (up to the busy timeout), never a read.
+
+def with_a_finished_job(make_client, make_config, busy_timeout_seconds: float):
+    """A client, its config, an account with 100 credits, its key and a finished job's id."""
+    config = make_config(storage={"busy_timeout_seconds": busy_timeout_seconds})
+    client = make_client(load_generator=InstantGenerator, app_config=config)
+    account = client.account(credits=100)
+    key = client.key(account)
+    done = client.http.post(URL, json={"prompts": ["a"]}, headers=bearer(key)).json()["jobId"]
+    client.wait_for_job(key, done)
+    return client, config, account, key, done
+
+
+def test_reads_answer_at_once_while_many_writes_wait_for_a_locked_database(make_client,
+                                                                           make_config):
+    # The writes wait longer than the lock is held: none gives up, all wait.
+    client, config, account, key, done = with_a_finished_job(make_client, make_config, 10)
+    # A key never used yet: its first request is the one that records its last use.
+    fresh = client.key(account, "fresh")
+    # A console page is a sync handler: it needs one of the threads the writes wait in.
+    assert sign_in(client.http, account.email).status_code == 303
+    before = db_state(client.database, account)
+
+    with ThreadPoolExecutor(32) as pool:
+        with write_lock(config.storage.database):
+            locked_at = time.monotonic()
+            posts = [pool.submit(client.http.post, URL, json={"prompts": ["b"]},
+                                 headers=bearer(key)) for _ in range(32)]
+            time.sleep(0.1)  # they now wait for the lock and hold every request thread
+            timings = {}
+            for name, path, headers in [("job", f"{URL}/{done}", bearer(fresh)),
+                                        ("image", f"{URL}/{done}/images/0", bearer(key)),
+                                        ("readyz", "/readyz", {}), ("metrics", "/metrics", {}),
+                                        ("console", "/console/api-keys", HTML)]:
+                started = time.monotonic()
+                response = client.http.get(path, headers=headers)
+                timings[name] = (response.status_code, time.monotonic() - started)
+            # Held long enough that a read waiting for the lock would miss the bound below.
+            time.sleep(max(0.0, locked_at + 1.5 - time.monotonic()))
+            waiting = sum(not post.done() for post in posts)
+        answers = [post.result() for post in posts]
+
+    for name, (status, seconds) in timings.items():
+        assert status == 200 and seconds < 1.0, (name, status, seconds)
+    assert waiting == 32, "a write finished while the lock was held"
+    assert [answer.status_code for answer in answers] == [200] * 32
+    # Each charged once, once the lock was gone.
+    credits, ledger, jobs = db_state(client.database, account)[:3]
+    assert (credits, ledger, jobs) == (before[0] - 32, before[1] - 32, before[2] + 32)
+    # The fresh key's use is recorded too, after the lock.
+    assert client.services.keys.uses.wait(10)
+    assert keys.list_keys(client.database.db(), account.id)[1].last_used_at is not None
+
+
+def test_writes_past_their_turn_get_503_and_keep_nothing_while_reads_go_on(make_client,
+                                                                          make_config):
+    client, config, account, key, _ = with_a_finished_job(make_client, make_config, 0.5)
+    assert sign_in(client.http, account.email).status_code == 303
+    before = db_state(client.database, account)
+
+    with ThreadPoolExecutor(24) as pool, write_lock(config.storage.database):
+        started = time.monotonic()
+        posts = [pool.submit(client.http.post, URL, json={"prompts": ["b"]},
+                             headers=bearer(key)) for _ in range(16)]
+        token = csrf(client.http)
+        forms = [pool.submit(client.http.post, "/console/api-keys", headers=HTML,
+                             data={"name": f"k{n}", "_csrf_token": token}) for n in range(4)]
+        time.sleep(0.1)
+        page = client.http.get("/console/api-keys", headers=HTML)
+        page_seconds = time.monotonic() - started
+        answers = [post.result() for post in posts]
+        form_answers = [form.result() for form in forms]
+        all_answered = time.monotonic() - started
+
+    assert page.status_code == 200 and page_seconds < 1.0
+    # Each waited at most the busy timeout for its turn, then the busy timeout for the
+    # lock: refused in about one or two busy timeouts, never held for the lock's whole life.
+    assert all_answered < 1.5 * 2 + 1
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"].startswith("The database is busy with another writer")
+        assert answer.headers["retry-after"] == "5"
+    # The console's forms get the console's page, not JSON.
+    assert [form.status_code for form in form_answers] == [503] * 4
+    assert all("text/html" in form.headers["content-type"] for form in form_answers)
+    assert db_state(client.database, account) == before
+    assert len(keys.list_keys(client.database.db(), account.id)) == 1
+
+
+def test_readyz_fails_once_writes_are_refused_longer_than_the_busy_timeout(make_client,
+                                                                          make_config):
+    config = make_config(storage={"busy_timeout_seconds": 0.3})
+    client = make_client(load_generator=InstantGenerator, app_config=config)
+    assert client.http.get("/readyz").status_code == 200
+
+    with write_lock(config.storage.database):
+        # A lock held for a moment is an ordinary writer: still ready.
+        first = client.http.get("/readyz")
+        time.sleep(0.4)
+        started = time.monotonic()
+        refused = client.http.get("/readyz")
+        seconds = time.monotonic() - started
+
+    assert first.status_code == 200
+    assert refused.status_code == 503 and seconds < 1.0
+    assert int(refused.headers["retry-after"]) > 0
+    database = refused.json()["checks"]["database"]
+    assert database.startswith(f"{config.storage.database} has refused writes for")
+    assert "write lock" in database and database in refused.json()["error"]
+    assert client.http.get("/readyz").json() == {"status": "ready", "checks": {
+        "database": "ok", "disk": "ok", "model": "ok", "worker": "ok"}}
+
+
+def test_readyz_fails_below_the_free_disk_space_and_recovers(make_client, make_config,
+                                                             tmp_path):
+    mib = 1024 * 1024
+    free = shutil.disk_usage(tmp_path).free // mib
+    if free < 1024:
+        pytest.skip(f"only {free} MiB free: too little to lower by a few hundred")
+    # Room for what other programs write meanwhile on either side of the threshold.
+    config = make_config(health={"min_free_disk_mb": free - 128})
+    client = make_client(load_generator=InstantGenerator, app_config=config)
+    assert client.http.get("/readyz").status_code == 200
+
+    filler = tmp_path / "filler"
+    with open(filler, "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, 384 * mib)
+    try:
+        full = client.http.get("/readyz")
+    finally:
+        filler.unlink()
+
+    assert full.status_code == 503
+    disk = full.json()["checks"]["disk"]
+    assert disk.startswith(f"the disk of {config.storage.data_dir} is (nearly) full:")
+    assert f"below health.min_free_disk_mb ({free - 128})" in disk
+    assert client.http.get("/readyz").status_code == 200
+
+
+def test_a_thread_that_ends_takes_its_connection_with_it(database):
+    # The request thread pools end idle threads all day: their connections must not pile up.
+    def open_files() -> int:
+        target = os.path.realpath(database.path)
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == target
+                   for fd in os.listdir("/proc/self/fd"))
+
+    def use_on_a_thread_of_its_own() -> None:
+        thread = threading.Thread(target=lambda: database.db().execute(
+            "SELECT COUNT(*) FROM accounts").fetchone())
+        thread.start()
+        thread.join()
+        # The young generations only: what a connection left behind is new, and a full
+        # collection in a process that loaded torch takes a third of a second.
+        gc.collect(1)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc to count open files")
+    for _ in range(5):
+        use_on_a_thread_of_its_own()
+    after_a_few = open_files()
+    for _ in range(20):
+        use_on_a_thread_of_its_own()
+    # (SQLite keeps a closed connection's descriptor for the next one to reuse.)
+    assert open_files() == after_a_few
+
+
+# A database the commands cannot use: one line naming the file and what to do.
+
+@pytest.fixture
+def broken_config(tmp_path, root_handlers_restored) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text('[storage]\ndata_dir = "state"\ndatabase = "state/app.db"\n')
+    (tmp_path / "state").mkdir()
+    # Not a database at all: what a disk error or a stray copy leaves.
+    (tmp_path / "state" / "app.db").write_bytes(b"this is no SQLite file\n" * 400)
+    return path
+
+
+@pytest.mark.parametrize("args", [
+    ["init"], ["serve"], ["credits", "grant", "dev@example.com", "5"],
+    ["keys", "list", "dev@example.com"], ["backup", "copy"],
+], ids=lambda args: args[0])
+def test_a_corrupted_database_stops_every_command_with_one_line(broken_config, args):
+    result = CliRunner().invoke(cli, [*args, "--config", str(broken_config)])
+    database = broken_config.parent / "state" / "app.db"
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"appliance: {database} is not a SQLite database (file is not a database): restore it"
+        " from a backup (appliance restore BACKUP) or move it away and run appliance init\n")
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_doctor_names_a_corrupted_database(broken_config):
+    config = load_config(broken_config)
+    findings = list(check_database(config))
+    assert [(f.level, f.area) for f in findings] == [(PROBLEM, "database")]
+    assert findings[0].text.startswith(f"{config.storage.database} is not a SQLite database")
+
+
+# Root reads a file whatever its mode; without these two capabilities it is held to the
+# modes like any user, which lets the test run where it runs as root.
+AS_AN_ORDINARY_USER = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                       "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def held_to_file_modes() -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None or subprocess.run(
+            [*AS_AN_ORDINARY_USER, "true"], capture_output=True).returncode != 0:
+        pytest.skip("running as root, and cannot drop the capabilities that ignore file modes")
+    return AS_AN_ORDINARY_USER
+
+
+@pytest.mark.system
+@pytest.mark.parametrize("damage", ["garbage", "unreadable"])
+def test_serve_on_a_database_it_cannot_use_says_so_in_one_line(tmp_path, damage):
+    config = tmp_path / "config.toml"
+    config.write_text('[storage]\ndata_dir = "state"\ndatabase = "state/app.db"\n'
+                      '[model]\npath = "models/none"\n')
+    database = tmp_path / "state" / "app.db"
+    prefix: list[str] = []
+    if damage == "garbage":
+        database.parent.mkdir()
+        database.write_bytes(b"this is no SQLite file\n" * 400)
+        advice = "is not a SQLite database (file is not a database): restore it from a backup"
+    else:
+        ConnectionPool(database).close()
+        database.chmod(0o000)
+        prefix = held_to_file_modes()
+        advice = "cannot be opened for reading and writing (unable to open database file)"
+
+    result = subprocess.run([*prefix, sys.executable, "-m", "appliance", "serve", "--config",
+                             str(config)], capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"appliance: {database} {advice}")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from appliance.core.config import ServerConfig
 from appliance.core.errors import TooManyRequests
-from appliance.web.api.limits import HostPolicy, KeyRateLimiter, host_name
+from appliance.web.api.limits import BadHost, HostPolicy, KeyRateLimiter, parse_host
 
 from .helpers import InstantGenerator, bearer
 
@@ -210,24 +210,54 @@ def test_the_rate_limit_refills_evenly_and_can_be_turned_off():
 
 # Host names, against DNS rebinding.
 
-@pytest.mark.parametrize(("header", "name"), [
-    ("example.com", "example.com"), ("Example.COM:8000", "example.com"),
-    ("[::1]:8000", "::1"), ("127.0.0.1:80", "127.0.0.1"), ("example.com.", "example.com"),
+@pytest.mark.parametrize(("header", "name", "port", "authority"), [
+    ("example.com", "example.com", None, "example.com"),
+    ("Example.COM:8000", "example.com", 8000, "example.com:8000"),
+    ("example.com.", "example.com", None, "example.com"),
+    ("xn--bcher-kva.example:65535", "xn--bcher-kva.example", 65535, "xn--bcher-kva.example:65535"),
+    ("127.0.0.1:80", "127.0.0.1", 80, "127.0.0.1:80"),
+    ("[::1]:8000", "::1", 8000, "[::1]:8000"),
+    ("[0:0:0:0:0:0:0:1]", "::1", None, "[::1]"),
+    ("[::FFFF:10.0.0.1]:1", "::ffff:a00:1", 1, "[::ffff:a00:1]:1"),
 ])
-def test_host_names_are_read_without_port(header, name):
-    assert host_name(header) == name
+def test_host_headers_are_read_as_name_and_port(header, name, port, authority):
+    host = parse_host(header)
+    assert (host.name, host.port, host.authority) == (name, port, authority)
+
+
+@pytest.mark.parametrize(("header", "problem"), [
+    ("localhost:abc", "bad port"), ("127.0.0.1:99999", "bad port"), ("[::1]:x", "bad port"),
+    ("localhost:0", "bad port"), ("localhost:", "bad port"), ("localhost:+80", "bad port"),
+    ("localhost:\u0668\u0660", "bad port"), ("localhost:80:80", "bad port"),
+    ("[::1]8000", "bad port"),
+    ("[::1]@evil.example", "names a user"), ("user@localhost", "names a user"),
+    ("[localhost]", "brackets"), ("[127.0.0.1]:80", "brackets"), ("[fe80::1%25eth0]", "brackets"),
+    ("[v1.future]", "brackets"), ("[::1", "brackets"),
+    ("", "not a host name"), ("::1", "not a host name"), (".example", "not a host name"),
+    ("a..example", "not a host name"), ("-a.example", "not a host name"),
+    ("a_b.example", "not a host name"), ("exa mple.com", "not a host name"),
+    ("caf\u00e9.example", "not a host name"), ("a/b", "not a host name"),
+    ("127.1", "not a host name"), ("1.2.3", "not a host name"),
+    ("999.1.1.1", "not a host name"), ("127.000.0.1", "not a host name"),
+    ("x" * 64 + ".example", "not a host name"), (("a" * 60 + ".") * 5, "not a host name"),
+])
+def test_malformed_host_headers_are_refused_with_their_problem(header, problem):
+    with pytest.raises(BadHost, match=problem):
+        parse_host(header)
 
 
 def test_the_host_policy_allows_addresses_its_own_names_and_configured_ones():
     policy = HostPolicy.for_server(ServerConfig(host="0.0.0.0",
                                                 allowed_hosts="images.example.com, *.lan.example"))
     for allowed in ("localhost:8000", "127.0.0.1", "192.168.1.20:8000", "[fe80::1]:8000",
-                    "images.example.com", "IMAGES.example.com:443", "gpu.lan.example", None):
-        assert policy.allows(allowed), allowed
+                    "images.example.com", "IMAGES.example.com:443", "images.example.com.",
+                    "gpu.lan.example"):
+        assert policy.allows(parse_host(allowed)), allowed
     for refused in ("attacker.example", "images.example.com.attacker.example",
                     "lan.example.attacker", "localhost.attacker.example", "example.com"):
-        assert not policy.allows(refused), refused
-    assert HostPolicy.for_server(ServerConfig(allowed_hosts="*")).allows("anything.example")
+        assert not policy.allows(parse_host(refused)), refused
+    anything = HostPolicy.for_server(ServerConfig(allowed_hosts="*"))
+    assert anything.allows(parse_host("anything.example"))
 
 
 def test_a_foreign_host_name_is_refused_on_every_route(instant_client):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
+import socket
+import ssl
+import stat
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -71,7 +76,8 @@ def test_prefix_install_runs_the_installed_code_and_uninstalls(tmp_path, tiny_mo
                 pass
             assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
-        assert ready.json()["checks"] == {"database": "ok", "model": "ok", "worker": "ok"}
+        assert ready.json()["checks"] == {"database": "ok", "disk": "ok", "model": "ok",
+                                          "worker": "ok"}
         # The wrapper finds the installation's config by itself; restore refuses
         # while the service runs.
         backup = subprocess.run([str(appliance), "backup", str(tmp_path / "backup")],
@@ -120,10 +126,107 @@ def test_install_refuses_what_it_cannot_do(tmp_path):
         (["--uninstall", "--prefix", str(tmp_path / "never")], "holds no installation made by"),
         (["--prefix", str(tmp_path / "p"), "--python", "/nonexistent/python"],
          "is not Python 3.11 or newer"),
+        (["--prefix", str(tmp_path / "p"), "--tls-cert", str(tmp_path / "a.crt")],
+         "--tls-cert and --tls-key go together"),
+        (["--dev", "--tls"], "--tls-key go with a system or --prefix install"),
+        (["--prefix", str(tmp_path / "p"), "--tls-cert", str(tmp_path / "a.crt"),
+          "--tls-key", str(tmp_path / "a.key")], f"{tmp_path / 'a.crt'} is not a file"),
     ]
     for args, message in cases:
         result = install(*args, cwd=tmp_path)
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
+
+
+def certificate_names(certificate: Path) -> tuple[set[str], set[ipaddress.IPv4Address
+                                                             | ipaddress.IPv6Address]]:
+    shown = subprocess.run(["openssl", "x509", "-in", str(certificate), "-noout", "-ext",
+                            "subjectAltName"], capture_output=True, text=True, check=True,
+                           timeout=60).stdout
+    entries = [entry.strip() for entry in shown.splitlines()[-1].split(",")]
+    names = {entry.removeprefix("DNS:") for entry in entries if entry.startswith("DNS:")}
+    addresses = {ipaddress.ip_address(entry.removeprefix("IP Address:"))
+                 for entry in entries if entry.startswith("IP Address:")}
+    return names, addresses
+
+
+def machine_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    shown = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=60)
+    return {ipaddress.ip_address(word) for word in shown.stdout.split()}
+
+
+@pytest.mark.system
+def test_prefix_install_with_tls_serves_https_with_a_certificate_for_this_machine(
+        tmp_path, tiny_model):
+    prefix = tmp_path / "opt"
+    made = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
+                   "--model-dir", str(tiny_model), "--tls", cwd=tmp_path)
+    assert made.returncode == 0, made.stdout + made.stderr
+    certificate = prefix / "var" / "lib" / "tls" / "server.crt"
+    key = prefix / "var" / "lib" / "tls" / "server.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    config = prefix / "etc" / "config.toml"
+    text = config.read_text()
+    assert f'tls_certificate = "{certificate}"' in text and f'tls_key = "{key}"' in text
+    names, addresses = certificate_names(certificate)
+    assert {"localhost", socket.gethostname()} <= names
+    assert {ipaddress.ip_address("127.0.0.1"), *machine_addresses()} <= addresses
+    dates = subprocess.run(["openssl", "x509", "-in", str(certificate), "-noout", "-startdate",
+                            "-enddate"], capture_output=True, text=True, check=True,
+                           timeout=60).stdout
+    begins, ends = (datetime.strptime(line.split("=", 1)[1], "%b %d %H:%M:%S %Y %Z")
+                    for line in dates.splitlines())
+    assert (ends - begins).days == 825
+
+    # The installed service serves HTTPS with it, and nothing on plain HTTP.
+    port = free_port()
+    config.write_text(text.replace("port = 8000", f"port = {port}")
+                      .replace('device = "auto"', 'device = "cpu"')
+                      .replace("width = 512", "width = 64").replace("height = 512", "height = 64")
+                      .replace("steps = 25", "steps = 2"))
+    log_path = tmp_path / "serve.log"
+    trust = ssl.create_default_context(cafile=str(certificate))
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([str(prefix / "bin" / "appliance"), "serve"], cwd=tmp_path,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"https://127.0.0.1:{port}/readyz", verify=trust,
+                             timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+    # Running it again keeps the certificate; given files replace it.
+    again = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
+                    "--tls", cwd=tmp_path)
+    assert again.returncode == 0 and "keeping the certificate" in again.stdout, again.stderr
+    own = tmp_path / "own"
+    own.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=images",
+                    "-keyout", str(own / "k.pem"), "-out", str(own / "c.pem")],
+                   check=True, capture_output=True, timeout=60)
+    given = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
+                    "--tls-cert", str(own / "c.pem"), "--tls-key", str(own / "k.pem"),
+                    cwd=tmp_path)
+    assert given.returncode == 0, given.stdout + given.stderr
+    assert certificate.read_bytes() == (own / "c.pem").read_bytes()
+    assert key.read_bytes() == (own / "k.pem").read_bytes()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert f'tls_certificate = "{certificate}"' in config.read_text()
+    # Nothing of the installation is left behind (the suite's leak search reads every file).
+    purged = install("--uninstall", "--purge", "--prefix", str(prefix), cwd=tmp_path)
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert not (prefix / "venv").exists()
 
 
 @pytest.fixture(scope="module")

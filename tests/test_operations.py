@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import io
 import json
 import logging
@@ -11,6 +12,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from litestar.testing import TestClient
@@ -20,7 +22,9 @@ from appliance.core.clock import utc_iso
 from appliance.core.config import LoggingConfig
 from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import image_relpath, mark_completed, mark_running, submit
+from appliance.ops.doctor import OK, PROBLEM, WARNING, check_database, check_permissions
 from appliance.ops.housekeeping import Housekeeping
+from appliance.ops.initialise import make_secret_file
 from appliance.runtime.logs import _SECRET_PATTERNS, configure_logging, redact
 from appliance.services import Services
 from appliance.web.app import create_app
@@ -206,7 +210,8 @@ def test_readyz_and_metrics_on_a_running_app(client):
     ready = client.http.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready",
-                            "checks": {"database": "ok", "model": "ok", "worker": "ok"}}
+                            "checks": {"database": "ok", "disk": "ok", "model": "ok",
+                                       "worker": "ok"}}
     # The counters belong to the process, which other tests share: compare before and after.
     before = client.http.get("/metrics").text
 
@@ -306,3 +311,59 @@ def test_redaction_skips_only_lines_no_pattern_can_match(text):
     for pattern, replacement in _SECRET_PATTERNS:
         expected = pattern.sub(replacement, expected)
     assert redact(text) == expected
+
+
+def test_doctor_names_each_account_whose_balance_differs_from_its_ledger(config, database):
+    db = database.db()
+    for email, credits in (("ada@example.com", 5), ("bob@example.com", 3), ("cy@example.com", 0)):
+        accounts.create_account(db, email, "correct horse battery", audit.Actor.cli(),
+                                credits=credits)
+    accounts.grant_credits(db, "bob@example.com", 4, audit.Actor.cli())
+
+    def ledger_findings():
+        return [(f.level, f.text) for f in check_database(config) if f.area == "ledger"]
+
+    assert ledger_findings() == [(OK, "every account's balance equals the sum of its ledger")]
+    # Changed behind the ledger's back, as a hand-made SQL fix would.
+    db.execute("UPDATE accounts SET credits = 99 WHERE email = 'bob@example.com'")
+    db.execute("UPDATE accounts SET credits = 1 WHERE email = 'cy@example.com'")
+    db.conn.commit()
+
+    [(level, text)] = ledger_findings()
+    assert level == PROBLEM
+    assert text.startswith("2 account(s) differ from their ledger: bob@example.com has 99"
+                           " credits but its ledger adds up to 7; cy@example.com has 1 credits"
+                           " but its ledger adds up to 0.")
+    assert "ada@example.com" not in text
+
+
+def test_doctor_warns_when_other_users_can_read_the_data(config, database):
+    make_secret_file(config.secret_file)
+    data, db_file, secret = config.storage.data_dir, config.storage.database, config.secret_file
+
+    def permission_findings():
+        return [(f.level, f.text) for f in check_permissions(config)]
+
+    assert permission_findings() == [
+        (OK, "no other user can read the data folder, the database or the secret")]
+    os.chmod(data, 0o755)
+    os.chmod(db_file, 0o644)
+    assert permission_findings() == [
+        (WARNING, f"{data} is open to every user of this machine (mode 0755); it holds"
+                  f" accounts' data: chmod 700 {data}"),
+        (WARNING, f"{db_file} is open to every user of this machine (mode 0644); it holds"
+                  f" accounts' data: chmod 600 {db_file}")]
+
+    # A group other than the owner's own one shares the file with its members.
+    os.chmod(data, 0o700)
+    os.chmod(db_file, 0o600)
+    others = ([group.gr_gid for group in grp.getgrall() if group.gr_gid != os.getgid()]
+              if os.geteuid() == 0 else [gid for gid in os.getgroups() if gid != os.getgid()])
+    if not others:
+        pytest.skip("this user can give its files to no other group")
+    os.chown(secret, -1, others[0])
+    os.chmod(secret, 0o640)
+    [(level, text)] = permission_findings()
+    assert level == WARNING
+    assert text.startswith(f"{secret} is open to the group {grp.getgrgid(others[0]).gr_name}"
+                           " (mode 0640)")

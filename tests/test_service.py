@@ -191,6 +191,6 @@ def test_doctor_says_what_is_wrong_and_fails(tmp_path):
     assert result.returncode == 1
     problems = [line for line in result.stdout.splitlines() if line.startswith("problem")]
     for expected in ("model.device is cuda, which needs one", "has no model_index.json",
-                     "garbage.db cannot be read"):
+                     "garbage.db is not a SQLite database"):
         assert any(expected in line for line in problems), result.stdout
     assert result.stdout.rstrip().endswith("3 problem(s) found")

@@ -22,6 +22,9 @@ from appliance.core.errors import BadRequest, Conflict, InsufficientCredits, Not
 _hasher = PasswordHasher()  # argon2id with the library's current parameters
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
 MIN_PASSWORD_LENGTH = 8
+# The most credits a grant (or an account's first credits) may bring a balance to.
+# Far below SQLite's 64-bit integers: past those a sum turns into an inexact float.
+MAX_CREDITS = 10**12
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,8 @@ def create_account(
     credits: int = 0,
 ) -> Account:
     email = normalise_email(email)
-    if credits < 0:
-        raise BadRequest("initial credits cannot be negative")
+    if not 0 <= credits <= MAX_CREDITS:
+        raise BadRequest(f"initial credits must be from 0 to {MAX_CREDITS}, not {credits}")
     password_hash = hash_password(password)
     try:
         with immediate(db):
@@ -115,8 +118,12 @@ def change_credits(db: Database, account_id: int, delta: int, reason: str,
     """Adds `delta` (negative to charge) and writes the ledger row; returns the new balance.
 
     Must run inside a write transaction. Raises InsufficientCredits rather
-    than letting a balance go below zero.
+    than letting a balance go below zero. A refund may take a balance a little past
+    MAX_CREDITS (it gives back what was charged after a grant filled it); only grants
+    are held to it.
     """
+    if not -MAX_CREDITS <= delta <= MAX_CREDITS:
+        raise BadRequest(f"a change of {delta} credits is past the limit of {MAX_CREDITS}")
     row = db.execute(
         "UPDATE accounts SET credits = credits + ? WHERE id = ? AND credits + ? >= 0"
         " RETURNING credits",
@@ -135,11 +142,24 @@ def change_credits(db: Database, account_id: int, delta: int, reason: str,
 
 def grant_credits(db: Database, email: str, amount: int, actor: audit.Actor,
                   reason: str = "grant") -> int:
-    """An operator's grant (or, with a negative amount, removal) of credits."""
+    """An operator's grant (or, with a negative amount, removal) of credits.
+
+    The balance it leaves is at most MAX_CREDITS.
+    """
     if amount == 0:
         raise BadRequest("the amount of credits must not be zero")
+    if not -MAX_CREDITS <= amount <= MAX_CREDITS:
+        raise BadRequest(f"the amount of credits must be from {-MAX_CREDITS} to {MAX_CREDITS},"
+                         f" not {amount}")
     account = find_account(db, email)
     with immediate(db):
+        # Read inside the transaction, which holds the write lock: no charge or
+        # grant can come between this check and the change.
+        balance = get_account(db, account.id).credits
+        if amount > 0 and balance + amount > MAX_CREDITS:
+            raise BadRequest(
+                f"cannot grant {amount} credits: {account.email} has {balance}, and a balance"
+                f" may be at most {MAX_CREDITS}")
         try:
             balance = change_credits(db, account.id, amount, reason)
         except InsufficientCredits:

@@ -111,7 +111,9 @@ def query(db: Database, where: AuditFilter, limit: int | None = None) -> list[Au
     if since:
         clauses.append("l.created_at >= ?")
         params.append(since.isoformat())
-    if until:
+    # Before the day after `until`; the last day a date can name has no day after it,
+    # and every row is before it anyway.
+    if until and until < date.max:
         clauses.append("l.created_at < ?")
         params.append((until + timedelta(days=1)).isoformat())
     sql = ("SELECT l.id, l.created_at, a.email, l.action, k.prefix, l.ip_address, l.user_agent,"

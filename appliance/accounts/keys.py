@@ -161,5 +161,6 @@ class LastUsedRecorder:
             write_last_used(db, key_id)
 
 
-def write_last_used(db: Database, key_id: int) -> None:
-    db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [utc_now(), key_id])
+def write_last_used(db: Database, key_id: int, when: str | None = None) -> None:
+    """Records the key's last use: `when` it was used (default: now)."""
+    db.execute("UPDATE api_keys SET last_used_at = ? WHERE id = ?", [when or utc_now(), key_id])

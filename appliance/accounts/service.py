@@ -7,17 +7,14 @@ this one, which take a connection and join the caller's transaction.
 
 from __future__ import annotations
 
-import logging
-import sqlite3
-
 from appliance.accounts import accounts, audit, keys, signin
 from appliance.accounts.accounts import Account, LedgerEntry
 from appliance.accounts.audit import Actor, AuditEntry, AuditFilter
+from appliance.accounts.key_uses import KeyUseWriter
 from appliance.accounts.keys import KeyInfo, KeyOwner, LastUsedRecorder
 from appliance.accounts.signin import SignInLimits
+from appliance.core.clock import Clock, utc_clock
 from appliance.core.database import ConnectionPool
-
-log = logging.getLogger(__name__)
 
 
 class AccountService:
@@ -47,7 +44,8 @@ class AccountService:
         return accounts.make_admin(self.database.db(), account_id, actor)
 
     def grant_credits(self, email: str, amount: int, actor: Actor, reason: str = "grant") -> int:
-        """Adds credits (a negative amount removes them); returns the new balance."""
+        """Adds credits (a negative amount removes them); returns the new balance, which a
+        grant may bring to at most accounts.MAX_CREDITS (BadRequest past it)."""
         return accounts.grant_credits(self.database.db(), email, amount, actor, reason=reason)
 
     def ledger(self, account_id: int, limit: int = 20) -> list[LedgerEntry]:
@@ -60,6 +58,7 @@ class KeyService:
     def __init__(self, database: ConnectionPool, last_used: LastUsedRecorder | None = None):
         self.database = database
         self.last_used = last_used or LastUsedRecorder()
+        self.uses = KeyUseWriter(database)
 
     def __deepcopy__(self, memo: dict) -> KeyService:
         # Shared by the copies Litestar makes of the middleware that holds it:
@@ -93,14 +92,10 @@ class KeyService:
         return self.last_used.due(key_id)
 
     def record_use(self, key_id: int) -> None:
-        """Writes the key's last use now. A write may wait for another writer: call it off
-        the event loop."""
-        try:
-            keys.write_last_used(self.database.db(), key_id)
-        except sqlite3.OperationalError as exc:
-            # Last-used is a convenience: a busy or full database must not turn
-            # away a request that may only read (a job's status, an image).
-            log.warning("could not record when key %d was last used: %s", key_id, exc)
+        """Notes the key's use now and returns at once: the write happens on a thread of
+        its own (KeyUseWriter), so that no request waits for another writer's lock. A busy
+        or full database delays it; it never turns away a request that may only read."""
+        self.uses.note(key_id)
 
 
 class AuditService:
@@ -119,12 +114,27 @@ class AuditService:
 class SignInService:
     """Console sign-in with its throttling, and sign-out, each audited."""
 
-    def __init__(self, database: ConnectionPool, limits: SignInLimits):
+    def __init__(self, database: ConnectionPool, limits: SignInLimits,
+                 clock: Clock = utc_clock):
         self.database = database
         self.limits = limits
+        # The throttle's waits are measured on this clock (tests move it by hand).
+        self.clock = clock
 
     def sign_in(self, email: str, password: str, actor: Actor) -> Account:
-        return signin.sign_in(self.database.db(), email, password, actor, self.limits)
+        return signin.sign_in(self.database.db(), email, password, actor, self.limits,
+                              self.clock())
+
+    def unlock(self, account_id: int, actor: Actor) -> int:
+        """Forgets the account's failed sign-ins, from every address; returns how many
+        still counted. NotFound for an unknown account."""
+        db = self.database.db()
+        return signin.unlock(db, accounts.get_account(db, account_id), actor, self.clock(),
+                             self.limits)
+
+    def throttled_emails(self) -> set[str]:
+        """The accounts, by email, whose sign-ins the throttle is slowing now."""
+        return signin.throttled_emails(self.database.db(), self.clock(), self.limits)
 
     def sign_out(self, account_id: int, actor: Actor) -> None:
         audit.record(self.database.db(), signin.SIGNED_OUT, actor, account_id=account_id)

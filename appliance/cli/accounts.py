@@ -6,12 +6,16 @@ import sys
 
 import click
 
+from appliance.accounts.accounts import MAX_CREDITS
 from appliance.accounts.audit import Actor
+from appliance.accounts.service import SignInService
+from appliance.accounts.signin import SignInLimits
 from appliance.cli.common import (
-    WHOLE_NUMBER,
     CommandError,
     CommandGroup,
+    WholeNumber,
     account_services,
+    connection_pool,
     pass_config,
 )
 from appliance.core.config import Config
@@ -36,7 +40,8 @@ def _read_password(from_stdin: bool) -> str:
 @group.command("create")
 @click.argument("email")
 @click.option("--admin", is_flag=True, help="make the account an admin")
-@click.option("--credits", type=WHOLE_NUMBER, default=0, metavar="N", help="initial credits")
+@click.option("--credits", type=WholeNumber(0, MAX_CREDITS), default=0, metavar="N",
+              help="initial credits")
 @click.option("--password-stdin", is_flag=True,
               help="read the password from the first line of standard input")
 @pass_config
@@ -46,11 +51,26 @@ def create(config: Config, email: str, admin: bool, credits: int, password_stdin
     EMAIL is the address the account logs in to the console with. Without
     --password-stdin, the password is asked for on the terminal, twice.
     """
-    if credits < 0:
-        raise CommandError("--credits cannot be negative")
     password = _read_password(password_stdin)
     account_service, _ = account_services(config)
     account = account_service.create(email, password, Actor.cli(), is_admin=admin,
                                      credits=credits)
     role = "admin" if account.is_admin else "user"
     click.echo(f"created {role} account {account.email} with {account.credits} credits")
+
+
+@group.command("unlock")
+@click.argument("email")
+@pass_config
+def unlock(config: Config, email: str) -> None:
+    """let an account sign in to the console at once again
+
+    EMAIL is the account's address. Its failed sign-ins, from every address,
+    stop counting: the waits they imposed end now.
+    """
+    account_service, _ = account_services(config)
+    account = account_service.find(email)
+    signin = SignInService(connection_pool(config), SignInLimits.from_config(config.console))
+    forgotten = signin.unlock(account.id, Actor.cli())
+    click.echo(f"unlocked sign-in for {account.email}: {forgotten} failed"
+               f" sign-in{'s' * (forgotten != 1)} forgotten")

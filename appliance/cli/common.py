@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Concatenate, ParamSpec
@@ -12,9 +13,9 @@ import click
 
 from appliance.accounts.service import AccountService, KeyService
 from appliance.core.config import Config, ConfigError, load_config
-from appliance.core.database import ConnectionPool
+from appliance.core.database import ConnectionPool, problem_sentence
 from appliance.core.errors import ApplianceError
-from appliance.core.numbers import whole_number
+from appliance.core.numbers import LARGEST_INTEGER, whole_number
 from appliance.runtime.logs import configure_logging
 
 P = ParamSpec("P")
@@ -99,20 +100,26 @@ class CommandGroup(click.Group):
 
 
 class WholeNumber(click.ParamType):
-    """What int() accepts ("12", " 7", "1_000", "-5")."""
+    """A number in the digits 0-9, with '-' before a negative one ("12", "-5"; not " 7",
+    "+7", "1_000" or "٣"), from `low` to `high`."""
 
     name = "integer"
 
+    def __init__(self, low: int = -LARGEST_INTEGER - 1, high: int = LARGEST_INTEGER):
+        self.low, self.high = low, high
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
+            # A default written in the code, or a value click already converted.
             return value
         try:
-            return whole_number(value)
+            return whole_number(value, self.low, self.high)
         except ValueError as problem:
             self.fail(str(problem), param, ctx)
 
 
-WHOLE_NUMBER = WholeNumber()
+# Counts, sizes and ports: what the command then checks against its own bounds.
+WHOLE_NUMBER = WholeNumber(0, LARGEST_INTEGER)
 
 
 def _remember_config_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
@@ -132,7 +139,8 @@ def pass_config(command: Callable[Concatenate[Config, P], None]) -> Callable[P, 
     """Gives a command --config and calls it with the config loaded and logging set up.
 
     Put it right above the function. ConfigError and ApplianceError become one line
-    and exit status 1; Ctrl-C, exit status 130.
+    and exit status 1, and so does a database the command cannot use (damaged, not a
+    database, unreadable, locked), worded with what to do; Ctrl-C, exit status 130.
     """
 
     @config_option
@@ -147,6 +155,9 @@ def pass_config(command: Callable[Concatenate[Config, P], None]) -> Callable[P, 
             command(config, *args, **kwargs)
         except (ConfigError, ApplianceError) as exc:
             raise CommandError(str(exc)) from None
+        except sqlite3.Error as exc:
+            # The commands' database is the config's (a backup's own is checked before use).
+            raise CommandError(problem_sentence(config.storage.database, exc)) from None
         except (KeyboardInterrupt, click.Abort):
             ctx.exit(130)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
+from appliance.accounts.accounts import MAX_CREDITS
 from appliance.accounts.audit import Actor
-from appliance.cli.common import WHOLE_NUMBER, CommandGroup, account_services, pass_config
+from appliance.cli.common import CommandGroup, WholeNumber, account_services, pass_config
 from appliance.core.config import Config
 
 
@@ -17,13 +18,14 @@ def group() -> None:
 # ignore_unknown_options: click would take a negative AMOUNT ("-5") for an unknown option.
 @group.command("grant", context_settings={"ignore_unknown_options": True})
 @click.argument("email")
-@click.argument("amount", type=WHOLE_NUMBER)
+@click.argument("amount", type=WholeNumber(-MAX_CREDITS, MAX_CREDITS))
 @click.option("--reason", default="grant", help="why, for the ledger")
 @pass_config
 def grant(config: Config, email: str, amount: int, reason: str) -> None:
     """add credits to an account (a negative number removes them)
 
-    EMAIL is the account's address, AMOUNT the number of credits.
+    EMAIL is the account's address, AMOUNT the number of credits. A grant that would
+    take the balance past the most an account may hold is refused.
     """
     accounts, _ = account_services(config)
     balance = accounts.grant_credits(email, amount, Actor.cli(), reason=reason)

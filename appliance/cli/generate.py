@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from appliance.cli.common import WHOLE_NUMBER, CommandError, pass_config
+from appliance.cli.common import WHOLE_NUMBER, CommandError, WholeNumber, pass_config
 from appliance.core.config import Config
+from appliance.jobs.models import MAX_SEED
 
 
 @click.command("generate")
@@ -23,7 +24,7 @@ from appliance.core.config import Config
 @click.option("--height", type=WHOLE_NUMBER, help="pixels, a multiple of 8")
 @click.option("--steps", type=WHOLE_NUMBER, help="denoising steps")
 @click.option("--guidance-scale", type=float, metavar="SCALE", help="guidance scale")
-@click.option("--seed", type=WHOLE_NUMBER,
+@click.option("--seed", type=WholeNumber(0, MAX_SEED),
               help="base seed: image i uses seed + i, so a run can be repeated")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @pass_config

@@ -6,10 +6,17 @@ import logging
 
 import click
 
-from appliance.cli.common import WHOLE_NUMBER, pass_config
-from appliance.core.config import Config
+from appliance.cli.common import WholeNumber, pass_config
+from appliance.core.config import Bounds, Config, declared
 
 log = logging.getLogger("appliance")
+
+
+def _port_type() -> WholeNumber:
+    """The port as server.port bounds it."""
+    bounds = declared("server.port").check
+    assert isinstance(bounds, Bounds)
+    return WholeNumber(int(bounds.low), int(bounds.high))
 
 
 @click.command("init")
@@ -24,7 +31,7 @@ def init(config: Config) -> None:
 
 @click.command("serve")
 @click.option("--host", help="address to listen on (default: server.host)")
-@click.option("--port", type=WHOLE_NUMBER, help="port to listen on (default: server.port)")
+@click.option("--port", type=_port_type(), help="port to listen on (default: server.port)")
 @pass_config
 def serve(config: Config, host: str | None, port: int | None) -> None:
     """run the HTTP API and the engine"""

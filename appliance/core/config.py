@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.devices import ALL, check_device, check_device_list
+from appliance.core.numbers import LARGEST_INTEGER, whole_number
 
 CONFIG_ENV = "APPLIANCE_CONFIG"
 
@@ -188,6 +189,55 @@ class ServerConfig:
         " from a LAN browser. Add the names clients use, e.g. \"images.example.com,"
         " gpu1.example.com\".",
         _host_names)
+    max_connections: int = setting(
+        4096,
+        "Most client connections open at once ({bounds}). At the limit, a new connection"
+        " closes the one that has waited longest without sending a complete request (idle"
+        " between requests, or still sending its headers), so that a flood of idle"
+        " connections cannot lock other clients out; only when every connection is busy with"
+        " a request is a new one turned away. Lowered at startup, with a log line, to what the"
+        " process's limit of open files allows.",
+        Between(16, 1_000_000),
+        heading="Connections. Slow or silent clients are disconnected, so that they cannot"
+                " hold the service's connections or file descriptors.")
+    header_timeout_seconds: float = setting(
+        10.0,
+        "Seconds a client has to send a request's headers ({bounds}), counted from the"
+        " connection's opening (over HTTPS, the TLS handshake included) or from the first"
+        " byte of a later request on it; a slower client is disconnected.",
+        Between(0.5, 600.0))
+    body_timeout_seconds: float = setting(
+        60.0,
+        "Seconds a client has to send a request's whole body once its headers are in"
+        " ({bounds}); a slower client is disconnected. Raise it if clients send bodies near"
+        " limits.max_request_bytes over slow links.",
+        Between(1.0, 3600.0))
+    send_timeout_seconds: float = setting(
+        60.0,
+        "Seconds a client may go without reading while an answer waits to be sent to it"
+        " ({bounds}); a client that stops reading is disconnected.",
+        Between(1.0, 3600.0))
+    keep_alive_seconds: int = setting(
+        5, "Seconds an idle connection is kept open for a client's next request ({bounds}).",
+        Between(1, 600))
+    tls_certificate: str = setting(
+        "",
+        "The server's certificate for HTTPS: a PEM file, with any intermediate certificates"
+        " after it; relative to this file. With tls_key, the port serves HTTPS only (plain"
+        " HTTP is not answered there); both empty serves plain HTTP. `install.sh --tls` makes"
+        " a self-signed one and sets both.",
+        heading="HTTPS. Without it, API keys, passwords and session cookies cross the network"
+                " readable by anyone on the path.")
+    tls_key: str = setting(
+        "",
+        "The certificate's private key: an unencrypted PEM file, relative to this file,"
+        " which other users must not be able to read (mode 0600 or 0640); the service refuses"
+        " to start with a key that any user can read.")
+
+    def __post_init__(self) -> None:
+        if bool(self.tls_certificate.strip()) != bool(self.tls_key.strip()):
+            raise ConfigError("server.tls_certificate and server.tls_key must be set together"
+                              " (both empty serves plain HTTP)")
 
 
 @dataclass(frozen=True)
@@ -364,17 +414,38 @@ class ConsoleConfig:
         12, "Hours after which a console sign-in ends however active it is ({bounds}).",
         Between(1, 720))
     signin_window_minutes: int = setting(
-        15,
-        "Failed sign-ins are counted over this many minutes ({bounds}); past either"
-        " limit below, signing in is refused until the oldest failure leaves the window.",
+        60,
+        "Failed sign-ins are forgotten when this many minutes ({bounds}) pass without another"
+        " one, counted from the end of the wait the last one imposed.",
         Between(1, 1440))
-    max_failed_signins_per_account: int = setting(
-        5, "Failed sign-ins allowed per account ({bounds}; a successful sign-in resets its"
-        " count).",
+    max_failed_signins_per_account_and_address: int = setting(
+        5,
+        "Failed sign-ins to one account from one client address ({bounds}) before each"
+        " further one makes the next attempt from there wait: 1 second, then twice as long"
+        " after each further failure, up to console.signin_max_wait_seconds. A successful"
+        " sign-in from that address, or an administrator's unlock, clears the count; failures"
+        " from other addresses never hold this address back.",
         Between(1, 1000))
     max_failed_signins_per_address: int = setting(
-        20, "Failed sign-ins allowed per client address, whatever the accounts ({bounds}).",
+        20,
+        "Failed sign-ins from one client address, whatever the accounts ({bounds}), before"
+        " its attempts wait in the same way.",
         Between(1, 100_000))
+    signin_max_wait_seconds: int = setting(
+        900, "The longest of those waits, in seconds ({bounds}).", Between(1, 86_400))
+    max_failed_signins_per_account: int = setting(
+        50,
+        "Failed sign-ins to one account from all addresses together ({bounds}; many"
+        " addresses guessing at once) before every attempt to it waits"
+        " console.signin_account_wait_seconds after its latest failure, except from the"
+        " addresses it has signed in from before. An administrator's unlock clears the"
+        " count.",
+        Between(1, 100_000))
+    signin_account_wait_seconds: int = setting(
+        5,
+        "That wait, in seconds ({bounds}). Keep it short: strangers can make the owner, at"
+        " an address new to the account, wait it too.",
+        Between(1, 60))
     secure_cookies: bool = setting(
         False,
         "Mark the console's cookies Secure even on plain HTTP requests. Requests that arrive"
@@ -405,6 +476,13 @@ class HealthConfig:
         " worker fails /readyz and, under systemd, stops feeding the watchdog, so systemd"
         " restarts the service.",
         Between(1, 86_400))
+    min_free_disk_mb: int = setting(
+        200,
+        "MiB that must stay free on the disk of the data folder and of the database"
+        " ({bounds}; 0 turns the check off). Below it /readyz fails, so that a balancer"
+        " sends work elsewhere before jobs and images can no longer be saved, and"
+        " `appliance doctor` reports a problem.",
+        Between(0, 1_000_000))
 
 
 @dataclass(frozen=True)
@@ -621,7 +699,12 @@ def _parse_value(declared: Setting, text: str) -> Any:
     if isinstance(default, int):
         if not _INTEGER.fullmatch(text):
             raise ConfigError(f"{declared.key} must be an integer, got {text!r}")
-        return int(text)
+        # Bounded before the setting's own check: int() of thousands of digits is
+        # slow, and past 4300 it raises.
+        try:
+            return whole_number(text.removeprefix("+"), -LARGEST_INTEGER - 1, LARGEST_INTEGER)
+        except ValueError as problem:
+            raise ConfigError(f"{declared.key}: {problem}") from None
     if isinstance(default, float):
         if not _NUMBER.fullmatch(text):
             raise ConfigError(f"{declared.key} must be a number, got {text!r}")

@@ -55,3 +55,17 @@ class ServiceUnavailable(ApplianceError):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
         self.retry_after = retry_after
+
+
+class DatabaseBusy(ServiceUnavailable):
+    """Another writer (a backup, a CLI command) held the database's write lock past the wait.
+
+    Every write is one transaction, so a refused one left nothing behind. A lock is
+    usually a short backup or CLI write: the client may retry after a few seconds.
+    """
+
+    RETRY_AFTER_SECONDS = 5
+
+    def __init__(self) -> None:
+        super().__init__("The database is busy with another writer; nothing was changed."
+                         " Try again shortly", retry_after=self.RETRY_AFTER_SECONDS)

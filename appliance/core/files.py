@@ -1,8 +1,9 @@
-"""Folders that appear whole or not at all."""
+"""Folders that appear whole or not at all, and files only their owner may open."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -36,3 +37,42 @@ def staged_folder(target: Path, mode: int = 0o777) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# The data holds password hashes, emails, prompts and images: owner-only, whatever the
+# umask of whoever starts the process (systemd's UMask=0077 covers only the service).
+PRIVATE_FILE = 0o600
+PRIVATE_FOLDER = 0o700
+
+
+def private_folder(path: Path) -> None:
+    """Makes the folder and any missing parents owner-only; an existing folder is left as it is."""
+    if path.is_dir():
+        return
+    private_folder(path.parent)
+    with contextlib.suppress(FileExistsError):  # made meanwhile by another thread
+        path.mkdir(mode=PRIVATE_FOLDER)
+        # The umask may have taken bits away (0o277 leaves 0o500): exactly 0700.
+        os.chmod(path, PRIVATE_FOLDER)
+
+
+def private_file(path: Path) -> bool:
+    """Creates the file empty and owner-only unless it exists; True when it was made now."""
+    private_folder(path.parent)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(fd, PRIVATE_FILE)
+    finally:
+        os.close(fd)
+    return True
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Writes the file (replacing its content) with owner-only permissions from the start."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), PRIVATE_FILE)
+        fh.write(data)

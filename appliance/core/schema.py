@@ -128,3 +128,29 @@ def m004_idempotency_keys(db: Database) -> None:
         CREATE INDEX idempotency_keys_created ON idempotency_keys(created_at);
         """
     )
+
+
+@migrations()
+def m005_signin_failures(db: Database) -> None:
+    # The sign-in throttle's counts of failed sign-ins: of one email from one
+    # client address ('pair'), of one address whatever the emails ('address',
+    # email ''), and of one email from every address ('email', ip_address '').
+    # Keyed by the email as typed, so that an unknown email is throttled like an
+    # account's. Each failure is also an audit row; these counts are what the
+    # throttle reads and claims in one write transaction, before the password
+    # is checked, so that simultaneous attempts cannot all slip past it.
+    # The index on the audit log finds an account's sign-ins from one address.
+    db.executescript(
+        """
+        CREATE TABLE signin_failures (
+            kind TEXT NOT NULL CHECK (kind IN ('pair', 'address', 'email')),
+            email TEXT NOT NULL,
+            ip_address TEXT NOT NULL,
+            failures INTEGER NOT NULL CHECK (failures >= 0),
+            last_failed_at TEXT NOT NULL,
+            PRIMARY KEY (kind, email, ip_address)
+        );
+        CREATE INDEX signin_failures_last ON signin_failures(last_failed_at);
+        CREATE INDEX audit_log_signins ON audit_log(account_id, action, ip_address);
+        """
+    )

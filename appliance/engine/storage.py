@@ -8,9 +8,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from appliance.core.files import private_folder
+
 
 def write_png_atomic(image: Image.Image, path: Path, compress_level: int = 6) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(path.parent)
+    # mkstemp makes the file owner-only (0600), whatever the umask.
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:

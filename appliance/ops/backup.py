@@ -21,7 +21,15 @@ from appliance.core.clock import utc_now
 from appliance.core.config import Config
 from appliance.core.database import BUSY_TIMEOUT_SECONDS
 from appliance.core.errors import ApplianceError, BadRequest
-from appliance.core.files import is_free, staged_folder
+from appliance.core.files import (
+    PRIVATE_FILE,
+    PRIVATE_FOLDER,
+    is_free,
+    private_file,
+    private_folder,
+    staged_folder,
+    write_private,
+)
 from appliance.core.version import package_version
 from appliance.ops.lock import service_lock
 
@@ -77,6 +85,8 @@ def row_counts(path: Path) -> dict[str, int]:
 def copy_database(source: Path, target: Path) -> None:
     """A consistent snapshot of a live database, as one self-contained file."""
     src = sqlite3.connect(str(source), timeout=BUSY_TIMEOUT_SECONDS)
+    # Owner-only before SQLite writes to it (its journal then gets the same mode).
+    private_file(target)
     dst = sqlite3.connect(str(target))
     try:
         # pages=-1 copies everything in one step, inside one read transaction:
@@ -101,15 +111,16 @@ def _copy_images(source: Path, target: Path) -> int:
     files = _image_files(source)
     for path in files:
         destination = target / path.relative_to(source)
-        destination.parent.mkdir(parents=True, exist_ok=True)
+        private_folder(destination.parent)
+        # copy2 copies the source's mode too, and an image written before images were
+        # made owner-only may be readable by all.
         shutil.copy2(path, destination)
+        os.chmod(destination, PRIVATE_FILE)
     return len(files)
 
 
 def _copy_private(source: Path, target: Path) -> None:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(source.read_bytes())
+    write_private(target, source.read_bytes())
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -129,7 +140,7 @@ def create_backup(config: Config, target: Path) -> BackupSummary:
     if not is_free(target):
         raise BadRequest(f"{target} already exists and is not an empty folder; name a new one")
     # Owner-only: the backup holds the service's secret and every account's data.
-    with staged_folder(target, mode=0o700) as staging:
+    with staged_folder(target, mode=PRIVATE_FOLDER) as staging:
         copy_database(database, staging / DATABASE)
         problem = integrity_problem(staging / DATABASE)
         if problem:
@@ -139,7 +150,7 @@ def create_backup(config: Config, target: Path) -> BackupSummary:
         if config.secret_file.exists():
             _copy_private(config.secret_file, staging / SECRET)
         if config.source is not None and config.source.exists():
-            shutil.copy2(config.source, staging / CONFIG)
+            _copy_private(config.source, staging / CONFIG)
         manifest = {
             "format": FORMAT,
             "created_at": utc_now(),
@@ -150,7 +161,7 @@ def create_backup(config: Config, target: Path) -> BackupSummary:
             "images": images,
             "secret_key": (staging / SECRET).exists(),
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_private(staging / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         _fsync_tree(staging)
     return BackupSummary(target, rows, images)
 
@@ -171,13 +182,15 @@ def read_manifest(source: Path) -> dict:
 
 def _move_aside(path: Path, aside: Path) -> None:
     if path.exists():
-        aside.mkdir(mode=0o700, exist_ok=True)
+        aside.mkdir(mode=PRIVATE_FOLDER, exist_ok=True)
         shutil.move(str(path), str(aside / path.name))
 
 
 def _install_database(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_folder(target.parent)
     partial = target.with_name(f".{target.name}.restoring")
+    # Owner-only before a byte of it is written; copyfile keeps an existing file's mode.
+    write_private(partial, b"")
     shutil.copyfile(source, partial)
     with partial.open("rb+") as fh:
         os.fsync(fh.fileno())
@@ -206,7 +219,7 @@ def restore_backup(config: Config, source: Path) -> RestoreSummary:
             _move_aside(config.secret_file, aside)
         _install_database(source / DATABASE, database)
         images = _copy_images(source / IMAGES, config.images_dir)
-        config.images_dir.mkdir(parents=True, exist_ok=True)
+        private_folder(config.images_dir)
         if (source / SECRET).exists():
             _copy_private(source / SECRET, config.secret_file)
         problem = integrity_problem(database)

@@ -1,4 +1,4 @@
-"""`appliance doctor`: checks the GPU, driver, model, database and config, in plain words.
+"""`appliance doctor`: checks the GPU, driver, model, database, files and config, in plain words.
 
 Each finding is ok, note, warning or problem; only a problem makes the command
 exit non-zero, since only a problem stops the service from doing its work.
@@ -6,10 +6,13 @@ exit non-zero, since only a problem stops the service from doing its work.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shutil
 import sqlite3
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -20,6 +23,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from appliance.core.config import Config
+from appliance.core.database import problem_sentence
 from appliance.core.devices import cuda_index
 from appliance.ops.lock import holder
 
@@ -28,7 +32,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # The tiny demo model weighs well under a megabyte; real ones weigh gigabytes.
 DEMO_MODEL_BYTES = 50 * 1024 * 1024
 LOW_DISK_BYTES = 2 * 1024**3
-NO_DISK_BYTES = 200 * 1024**2
+MIB = 1024**2
+# Accounts whose balance differs from their ledger named in full; past this many, counted.
+LEDGER_NAMED = 10
 
 
 @dataclass(frozen=True)
@@ -159,9 +165,11 @@ def check_database(config: Config) -> Iterator[Finding]:
         if not os.access(data_dir, os.W_OK):
             yield Finding(PROBLEM, "storage", f"this user cannot write to {data_dir}")
         free = shutil.disk_usage(data_dir).free
-        if free < NO_DISK_BYTES:
-            yield Finding(PROBLEM, "storage", f"only {free // 1024**2} MiB free on the disk of"
-                          f" {data_dir}: new images cannot be saved")
+        if free < config.health.min_free_disk_mb * MIB:
+            yield Finding(PROBLEM, "storage", f"only {free // MIB} MiB free on the disk of"
+                          f" {data_dir}, below health.min_free_disk_mb"
+                          f" ({config.health.min_free_disk_mb}): /readyz fails and new images"
+                          " cannot be saved")
         elif free < LOW_DISK_BYTES:
             yield Finding(WARNING, "storage", f"only {free / 1024**3:.1f} GiB free on the disk of"
                           f" {data_dir}")
@@ -171,24 +179,94 @@ def check_database(config: Config) -> Iterator[Finding]:
                       " or the first start creates it")
         return
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)
         try:
             result = [row[0] for row in conn.execute("PRAGMA quick_check")]
             pending = [m.name for m in migrations.pending(Database(conn))]
+            unbalanced = [] if result != ["ok"] else conn.execute(LEDGER_MISMATCHES).fetchall()
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        yield Finding(PROBLEM, "database", f"{path} cannot be read: {exc}")
+        yield Finding(PROBLEM, "database", problem_sentence(path, exc))
         return
     if result != ["ok"]:
         yield Finding(PROBLEM, "database", f"{path} is damaged ({'; '.join(result[:3])}): restore"
                       " the last backup with `appliance restore`")
         return
+    yield from _ledger_findings(unbalanced)
     if pending:
         yield Finding(NOTE, "database", f"{path} is fine; the next start upgrades its schema"
                       f" ({', '.join(pending)})")
     else:
         yield Finding(OK, "database", f"{path} passes its integrity check and is up to date")
+
+
+# Every balance change writes its ledger row in the same transaction, so a balance
+# that differs from the sum of its ledger was changed some other way (raw SQL, a bug).
+LEDGER_MISMATCHES = """
+    SELECT a.email, a.credits, COALESCE(SUM(l.delta), 0) AS ledger
+    FROM accounts a LEFT JOIN credit_ledger l ON l.account_id = a.id
+    GROUP BY a.id HAVING a.credits != ledger ORDER BY a.id
+"""
+
+
+def _ledger_findings(unbalanced: list[tuple[str, int, int]]) -> Iterator[Finding]:
+    if not unbalanced:
+        yield Finding(OK, "ledger", "every account's balance equals the sum of its ledger")
+        return
+    named = "; ".join(f"{email} has {balance} credits but its ledger adds up to {ledger}"
+                      for email, balance, ledger in unbalanced[:LEDGER_NAMED])
+    more = len(unbalanced) - LEDGER_NAMED
+    yield Finding(PROBLEM, "ledger", f"{len(unbalanced)} account(s) differ from their ledger:"
+                  f" {named}" + (f"; and {more} more" if more > 0 else "")
+                  + ". Every change the appliance makes writes a ledger row, so these were"
+                  " changed another way (raw SQL?): find out how, then correct the balance or"
+                  " restore a backup")
+
+
+def _shared_with(path: Path) -> str | None:
+    """Who besides the owner may read the file or enter the folder; None: nobody."""
+    status = path.stat()
+    if status.st_mode & 0o007:
+        return "every user of this machine"
+    if status.st_mode & 0o070 and _group_has_others(status):
+        try:
+            group = grp.getgrgid(status.st_gid).gr_name
+        except KeyError:
+            group = str(status.st_gid)
+        return f"the group {group}"
+    return None
+
+
+def _group_has_others(status: os.stat_result) -> bool:
+    # The owner's own group with nobody else in it (as systemd's StateDirectoryMode=0750
+    # leaves the service's folder) shares nothing.
+    try:
+        owner = pwd.getpwuid(status.st_uid)
+        members = grp.getgrgid(status.st_gid).gr_mem
+    except KeyError:  # a user or group without a name: cannot tell who is in it
+        return True
+    return owner.pw_gid != status.st_gid or any(name != owner.pw_name for name in members)
+
+
+def check_permissions(config: Config) -> Iterator[Finding]:
+    database = config.storage.database
+    places = [(config.storage.data_dir, 700), (config.images_dir, 700), (database, 600),
+              (Path(f"{database}-wal"), 600), (Path(f"{database}-shm"), 600),
+              (config.secret_file, 600)]
+    found = False
+    for path, mode in places:
+        if not path.exists():
+            continue
+        who = _shared_with(path)
+        if who:
+            found = True
+            yield Finding(WARNING, "files", f"{path} is open to {who} (mode"
+                          f" {path.stat().st_mode & 0o777:04o}); it holds accounts' data:"
+                          f" chmod {mode} {path}")
+    if not found:
+        yield Finding(OK, "files", "no other user can read the data folder, the database or"
+                      " the secret")
 
 
 def check_service(config: Config) -> Iterator[Finding]:
@@ -198,9 +276,17 @@ def check_service(config: Config) -> Iterator[Finding]:
         return
     host = config.server.host
     host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.server.port}/readyz"
+    scheme = "https" if config.server.tls_certificate.strip() else "http"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{config.server.port}/readyz"
+    # The probe sends nothing secret and reads only whether the service is ready, on
+    # this machine, by address: a certificate made for the machine's names need not match.
+    unverified = None
+    if scheme == "https":
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5, context=unverified) as response:
             response.read()
         yield Finding(OK, "service", f"running (pid {pid}) and ready at {url}")
     except urllib.error.HTTPError as exc:
@@ -213,7 +299,8 @@ def check_service(config: Config) -> Iterator[Finding]:
         yield Finding(PROBLEM, "service", f"running (pid {pid}) but {url} does not answer: {exc}")
 
 
-CHECKS = (check_config, check_gpu, check_model, check_database, check_service)
+CHECKS = (check_config, check_gpu, check_model, check_database, check_permissions,
+          check_service)
 
 
 def diagnose(config: Config) -> list[Finding]:

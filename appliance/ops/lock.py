@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.core.errors import Conflict
+from appliance.core.files import PRIVATE_FILE, private_folder
 
 LOCK_NAME = "serve.lock"
 
@@ -38,8 +39,8 @@ def holder(data_dir: Path) -> str | None:
 
 @contextlib.contextmanager
 def service_lock(data_dir: Path, purpose: str) -> Iterator[None]:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path(data_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    private_folder(data_dir)
+    fd = os.open(lock_path(data_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -6,10 +6,15 @@ through the root handler set up here, so masking there covers all of them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import sys
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -104,6 +109,66 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(record_fields(record), default=str, ensure_ascii=False))
 
 
+# Loggers whose warnings a client can set off as often as it likes: the HTTP
+# server's (h11 protocol errors), asyncio's (accept errors) and the connection
+# limits'. Access lines (uvicorn.access) are never held back.
+FLOOD_LOGGERS = frozenset({"uvicorn.error", "asyncio", "appliance.runtime.connections"})
+_OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
+REPEAT_WINDOW_SECONDS = 10.0
+# Past this many kinds remembered, those not seen for a window are forgotten.
+_MOST_KINDS = 256
+
+
+def fault_kind(record: logging.LogRecord) -> Hashable | None:
+    """What makes two records the same fault, for RepeatLimiter; None: never held back."""
+    error = record.exc_info[1] if record.exc_info else record.msg
+    if isinstance(error, OSError) and error.errno in _OUT_OF_FILES:
+        return ("out of files", error.errno)  # "Too many open files", from anywhere
+    if record.name not in FLOOD_LOGGERS or record.levelno < logging.WARNING:
+        return None
+    # The template, not the formatted line: the client's address and counts vary.
+    first_line = str(record.msg).partition("\n")[0]
+    return (record.name, first_line, type(error).__name__ if record.exc_info else None)
+
+
+@dataclass
+class _Seen:
+    since: float
+    held_back: int = 0
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets one record of each fault kind through per `window` seconds: a flood of
+    connections, or running out of files, writes a line every few seconds, not
+    thousands. The next line let through says how many like it were left out
+    (field repeats_suppressed)."""
+
+    def __init__(self, window: float = REPEAT_WINDOW_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.window = window
+        self.clock = clock
+        self._seen: dict[Hashable, _Seen] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = fault_kind(record)
+        if kind is None:
+            return True
+        with self._lock:
+            now = self.clock()
+            seen = self._seen.get(kind)
+            if seen is not None and now - seen.since < self.window:
+                seen.held_back += 1
+                return False
+            if len(self._seen) >= _MOST_KINDS:
+                self._seen = {k: s for k, s in self._seen.items() if now - s.since < self.window}
+            self._seen[kind] = _Seen(now)
+        if seen is not None and seen.held_back:
+            record.repeats_suppressed = seen.held_back
+        return True
+
+
 HANDLER_NAME = "appliance"
 FORMATTERS = {"logfmt": LogfmtFormatter, "json": JsonFormatter}
 
@@ -112,6 +177,7 @@ def configure_logging(settings: LoggingConfig, stream=None) -> None:
     """Routes every logger of the process to one stderr handler in the chosen format."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(FORMATTERS[settings.format]())
+    handler.addFilter(RepeatLimiter())
     handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
     # Replaces a handler of an earlier call, or logging.basicConfig's; handlers

@@ -1,5 +1,8 @@
 """`appliance serve`: the HTTP server, and what it tells systemd.
 
+The server is uvicorn, with connections bounded (connections.py) and HTTPS
+when a certificate is configured (core/tls.py).
+
 READY=1 goes out once the server listens and the engine has loaded (and
 warmed) the model. After that, WATCHDOG=1 goes out every half watchdog period,
 but only while the engine worker keeps coming back to the queue: a CUDA call
@@ -13,12 +16,21 @@ import faulthandler
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
 from appliance.core.config import Config
+from appliance.core.tls import tls_context
 from appliance.engine.engine import Engine
 from appliance.ops.lock import service_lock
+from appliance.runtime.connections import (
+    ConnectionGuard,
+    ConnectionLimits,
+    protocol_class,
+    raise_open_file_limit,
+)
 from appliance.runtime.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -107,10 +119,35 @@ class NotifyingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def uvicorn_config(app: Callable[..., Any], host: str, port: int,
+                   guard: ConnectionGuard) -> uvicorn.Config:
+    limits = guard.limits
+    # log_config=None: uvicorn's records go through the root logger's format.
+    # ws="none": the app has no WebSocket routes, so an upgrade request is plain HTTP.
+    # No limit_concurrency: it answers 503 to every request once that many
+    # connections are open, idle ones included; the guard's cap displaces those.
+    return uvicorn.Config(app, host=host, port=port, log_config=None,
+                          timeout_graceful_shutdown=30, http=protocol_class(guard), ws="none",
+                          backlog=limits.backlog, timeout_keep_alive=limits.keep_alive)
+
+
+def _log_limits(limits: ConnectionLimits, open_files: int) -> None:
+    lowered = (f" (server.max_connections {limits.lowered_from}, lowered to fit the process's"
+               f" limit of {open_files} open files)" if limits.lowered_from else "")
+    log.info("connections: at most %d open%s; headers due within %g s, bodies within %g s;"
+             " clients that read nothing for %g s and idle connections after %d s are closed",
+             limits.max_connections, lowered, limits.header_timeout, limits.body_timeout,
+             limits.send_timeout, limits.keep_alive, extra={"event": "service.connections"})
+
+
 def run_service(config: Config, host: str, port: int) -> int:
+    # Before anything starts: a certificate that cannot be used is a config error.
+    tls = tls_context(config)
     # A watchdog timeout sends SIGABRT: the journal then shows where every thread was stuck.
     faulthandler.enable()
     notifier = Notifier.from_environment()
+    open_files = raise_open_file_limit()
+    limits = ConnectionLimits.fitting(config.server, open_files)
     with service_lock(config.storage.data_dir, "start the service"):
         # Imported under the lock: a refused second start loads no model code.
         from appliance.services import Services
@@ -118,11 +155,12 @@ def run_service(config: Config, host: str, port: int) -> int:
 
         services = Services.build(config)
         app = create_app(services)
-        # log_config=None: uvicorn's records go through the root logger's format.
-        server = NotifyingServer(uvicorn.Config(app, host=host, port=port, log_config=None,
-                                                timeout_graceful_shutdown=30), notifier,
-                                 services.stopping)
-        supervisor = Supervisor(server, services.engine, config, notifier, f"{host}:{port}")
+        _log_limits(limits, open_files)
+        server = NotifyingServer(uvicorn_config(app, host, port, ConnectionGuard(limits, tls)),
+                                 notifier, services.stopping)
+        scheme = "https" if tls else "http"
+        supervisor = Supervisor(server, services.engine, config, notifier,
+                                f"{scheme}://{host}:{port}")
 
         async def serve() -> None:
             watching = asyncio.create_task(supervisor.run())

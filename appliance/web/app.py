@@ -25,8 +25,11 @@ from appliance.web.api.images import ImagesController
 from appliance.web.api.limits import AllowedHostsMiddleware, HostPolicy, KeyRateLimiter
 from appliance.web.api.openai_compat import OpenAIController, openai_errors_on_v1
 from appliance.web.console import ConsolePlugin
+from appliance.web.console.rendering import console_errors_under_console
+from appliance.web.console.security import over_https
 from appliance.web.dependencies import dependencies
 from appliance.web.health import healthz, metrics, readyz
+from appliance.web.write_admission import WriteAdmissionMiddleware
 
 # Requests by route template (`/api/playground/images/{job_id:str}`), never by
 # raw path: one series per route, whatever ids clients send.
@@ -55,11 +58,16 @@ def create_app(services: Services) -> Litestar:
         lifespan=[lifespan],
         # The web console: its routes, sessions, CSRF protection and templates.
         plugins=[ConsolePlugin(services)],
-        exception_handlers=openai_errors_on_v1(EXCEPTION_HANDLERS),
+        exception_handlers=openai_errors_on_v1(console_errors_under_console(EXCEPTION_HANDLERS)),
         # The process configures logging once (runtime/logs.py); one format in the journal.
         logging_config=None,
-        middleware=[HTTP_METRICS.middleware,
-                    AllowedHostsMiddleware(HostPolicy.for_server(config.server))],
+        # First (outermost): the Host header is checked before the metrics, or
+        # anything else, reads the request's URL, which is made from it.
+        middleware=[AllowedHostsMiddleware(HostPolicy.for_server(config.server)),
+                    HTTP_METRICS.middleware,
+                    WriteAdmissionMiddleware(config.storage.busy_timeout_seconds)],
+        # Every response, refusals and unknown paths included.
+        before_send=[over_https],
         request_max_body_size=config.limits.max_request_bytes,
         openapi_config=OpenAPIConfig(
             title="AI Media Maker",

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from litestar import get
 from litestar.response import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from appliance.core.config import Config
 from appliance.core.database import ConnectionPool
 from appliance.engine.engine import Engine
 from appliance.engine.metrics import exposition
@@ -21,12 +26,33 @@ class Check:
     problem: str | None  # None: fine
 
 
+MIB = 1024 * 1024
+
+
 def database_check(database: ConnectionPool) -> Check:
     try:
-        database.db().execute("SELECT 1").fetchone()
+        # A table read, which opens the file: "SELECT 1" never touches it.
+        database.db().execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return Check("database", f"the database cannot be read: {exc}")
-    return Check("database", None)
+    return Check("database", database.write_probe.problem())
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def disk_check(config: Config) -> Check:
+    """Enough room for new jobs and images on the disks of the data folder and the database."""
+    least = config.health.min_free_disk_mb
+    for folder in (config.storage.data_dir, config.storage.database.parent):
+        free = shutil.disk_usage(_existing(folder)).free
+        if free < least * MIB:
+            return Check("disk", f"the disk of {folder} is (nearly) full: {free // MIB} MiB"
+                                 f" free, below health.min_free_disk_mb ({least})")
+    return Check("disk", None)
 
 
 def model_check(engine: Engine) -> Check:
@@ -48,10 +74,12 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", include_in_schema=False, sync_to_thread=True)
+# On the event loop: every check is quick and none waits for a lock, and a probe must
+# answer when writes waiting for the database hold every request thread.
+@get("/readyz", include_in_schema=False, sync_to_thread=False)
 def readyz(database: Database, engine: EngineDependency,
            config: Settings) -> Response[dict[str, Any]]:
-    checks = [database_check(database), model_check(engine),
+    checks = [database_check(database), disk_check(config), model_check(engine),
               worker_check(engine, config.health.worker_stall_seconds)]
     summary = {check.name: check.problem or "ok" for check in checks}
     problems = [check.problem for check in checks if check.problem]
@@ -61,6 +89,13 @@ def readyz(database: Database, engine: EngineDependency,
     return Response({"status": "ready", "checks": summary})
 
 
-@get("/metrics", include_in_schema=False, sync_to_thread=True)
-def metrics(engine: EngineDependency) -> Response[bytes]:
-    return Response(exposition(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+# A thread of its own, one scrape at a time (reading the GPU's memory may be slow): a
+# scrape must not queue behind requests holding the request threads while they wait
+# for the database's write lock.
+_SCRAPES = anyio.CapacityLimiter(1)
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics(engine: EngineDependency) -> Response[bytes]:
+    text = await anyio.to_thread.run_sync(exposition, engine.metrics.registry, limiter=_SCRAPES)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

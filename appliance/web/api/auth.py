@@ -6,14 +6,16 @@ holds, with the contract's exact texts.
 
 from __future__ import annotations
 
-import anyio.to_thread
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.types import ASGIApp
 
 from appliance.accounts.keys import token_from_header
 from appliance.accounts.service import KeyService
+from appliance.core.errors import Unauthorized
 from appliance.web.api.limits import KeyRateLimiter
+
+TWO_HEADERS = "More than one Authorization header; send exactly one"
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
@@ -23,11 +25,17 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         self.rate_limiter = rate_limiter
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
-        token = token_from_header(connection.headers.get("authorization"))
+        # Two headers could name two keys; picking either would act for one
+        # account on the word of a request that also names another.
+        headers = connection.headers.getall("authorization", [])
+        if len(headers) > 1:
+            raise Unauthorized(TWO_HEADERS)
+        token = token_from_header(headers[0] if headers else None)
         # A read, checked on every request and quick: here, not on a thread.
         owner = self.keys.owner(token)
         # Any request with a live key is a use of it, one refused for its rate too.
+        # Written on a thread of its own: a read must not wait for the write lock.
         if self.keys.use_is_due(owner.key_id):
-            await anyio.to_thread.run_sync(self.keys.record_use, owner.key_id)
+            self.keys.record_use(owner.key_id)
         self.rate_limiter.check(owner.key_id)
         return AuthenticationResult(user=owner, auth=owner.key_id)

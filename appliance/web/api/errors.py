@@ -1,4 +1,9 @@
-"""Every error leaves as JSON with an `error` sentence, whatever raised it."""
+"""Every error leaves as JSON with an `error` sentence, whatever raised it.
+
+A handler names the request by its raw scope, never by `request.url`, which
+parses the Host header and so fails on a hostile one; and a handler that fails
+all the same still answers (see `guarded`).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,19 @@ import errno
 import logging
 import re
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from appliance.core.errors import ApplianceError
+from appliance.core.database import is_busy
+from appliance.core.errors import ApplianceError, DatabaseBusy
 
 log = logging.getLogger(__name__)
+
+# (request, exception) -> the answer
+ExceptionHandler = Callable[[Request, Any], Response[Any]]
 
 _TYPE_WORDS = {"array": "a list", "str": "a string", "int": "a number", "float": "a number",
                "object": "a JSON object", "null": "null", "bool": "true or false"}
@@ -67,11 +77,8 @@ def appliance_error(request: Request, exc: ApplianceError) -> Response[Any]:
     return _json_error(exc.message, exc.status, exc.headers)
 
 
-# Seconds a client should wait: a lock is usually a short backup or CLI write;
-# a full disk needs a person.
-BUSY_RETRY_AFTER_SECONDS = 5
+# Seconds a client should wait for a full disk: it needs a person.
 FULL_RETRY_AFTER_SECONDS = 60
-_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
 def database_error(request: Request, exc: sqlite3.Error) -> Response[Any]:
@@ -81,11 +88,9 @@ def database_error(request: Request, exc: sqlite3.Error) -> Response[Any]:
     """
     code = getattr(exc, "sqlite_errorcode", None)
     primary = code & 0xFF if code is not None else None
-    if primary in _BUSY_CODES or "database is locked" in str(exc):
-        log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
-        return _json_error("The database is busy with another writer; nothing was changed."
-                           " Try again shortly", 503,
-                           {"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+    if is_busy(exc):
+        log.warning("database busy on %s: %s", where(request), exc)
+        return appliance_error(request, DatabaseBusy())
     if primary == sqlite3.SQLITE_FULL:
         return _disk_full(request, exc)
     return unexpected_error(request, exc)
@@ -98,13 +103,13 @@ def os_error(request: Request, exc: OSError) -> Response[Any]:
 
 
 def _disk_full(request: Request, exc: Exception) -> Response[Any]:
-    log.error("disk full on %s %s: %s", request.method, request.url.path, exc)
+    log.error("disk full on %s: %s", where(request), exc)
     return _json_error("The server's disk is full; nothing was changed. Try again later", 503,
                        {"Retry-After": str(FULL_RETRY_AFTER_SECONDS)})
 
 
 def unexpected_error(request: Request, exc: Exception) -> Response[Any]:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s", where(request))
     return _json_error("Internal server error", 500)
 
 
@@ -112,7 +117,37 @@ def _json_error(message: str, status: int, headers: dict[str, str] | None = None
     return Response({"error": message}, status_code=status, headers=headers or {})
 
 
-EXCEPTION_HANDLERS = {
+def where(request: Request) -> str:
+    """The request's method and path for a log line, from the raw scope; escaped when the
+    path holds what would break the line (a decoded %0A, say)."""
+    scope = request.scope
+    method, path = scope.get("method", "?"), scope.get("path", "")
+    return f"{method} {path if path.isprintable() else ascii(path)}"
+
+
+def guarded(handler: ExceptionHandler) -> ExceptionHandler:
+    """`handler`, with a plain answer when it fails itself.
+
+    Otherwise the failure would leave the app and the server would log both
+    tracebacks, chained, for every such request: here it is one log line, and the
+    client still gets JSON with the status the first error meant.
+    """
+    def handle(request: Request, exc: Exception) -> Response[Any]:
+        try:
+            return handler(request, exc)
+        except Exception as failure:  # noqa: BLE001 - the last word on any request
+            log.error("could not answer %s on %s: %s: %s", type(exc).__name__, where(request),
+                      type(failure).__name__, failure)
+            if isinstance(exc, ApplianceError):
+                return _json_error(exc.message, exc.status)
+            if isinstance(exc, HTTPException):
+                return _json_error(exc.detail, exc.status_code)
+            return _json_error("Internal server error", 500)
+
+    return handle
+
+
+EXCEPTION_HANDLERS: dict[type[Exception], ExceptionHandler] = {
     ApplianceError: appliance_error,
     ValidationException: validation_error,
     HTTPException: http_error,

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import anyio.to_thread
 from litestar import Controller, Request, delete, get, post
-from litestar.params import FromPath, JSONBody
+from litestar.openapi.spec import OpenAPIType
+from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response import Response, ServerSentEvent
 
 from appliance.accounts.keys import KeyOwner
+from appliance.core.errors import NotFound
+from appliance.core.numbers import LARGEST_INTEGER, row_id
 from appliance.jobs import parameters
 from appliance.jobs.models import JobView
 from appliance.jobs.service import JobRequest
 from appliance.web.api import progress
+from appliance.web.api.bodies import StrictJSONRequest
 from appliance.web.api.documentation import BEARER
 from appliance.web.api.documentation import error_responses as documented
 from appliance.web.api.idempotent import IdempotentOperation
@@ -33,10 +37,12 @@ CAMEL_NAMES = {"width": "width", "height": "height", "steps": "steps",
 
 ERROR_MEANINGS = {
     400: "The body is not valid; `error` says what is wrong. Nothing is charged.",
-    401: "Missing or invalid Authorization header / Invalid API key format / Invalid API key.",
+    401: "Missing or invalid Authorization header / More than one Authorization header /"
+         " Invalid API key format / Invalid API key.",
     402: "Insufficient credits: the account cannot pay for every image of the request.",
     404: "No such job for this account (another account's job is answered the same).",
     413: "The request body is larger than limits.max_request_bytes. Nothing is charged.",
+    415: "The body is not sent as JSON (Content-Type: application/json). Nothing is charged.",
     422: "The Idempotency-Key was used before with a different request. Nothing is charged.",
     429: "Too many requests with this key (limits.requests_per_minute_per_key), or too many"
          " of the account's images still pending; retry after `Retry-After` seconds."
@@ -44,6 +50,11 @@ ERROR_MEANINGS = {
     503: "The queue cannot take the whole job now, or the database is busy or its disk"
          " full; retry after `Retry-After` seconds. Nothing is charged.",
 }
+
+
+# How the OpenAPI document shows an image's index, which the route reads as text.
+INDEX_SCHEMA = {"type": OpenAPIType.INTEGER, "minimum": 0, "maximum": LARGEST_INTEGER,
+                "description": "The image's place in the job, from 0."}
 
 
 def error_responses(*codes: int) -> dict[int, Any]:
@@ -54,6 +65,7 @@ class ImagesController(Controller):
     path = "/api/playground/images"
     tags = ["Images"]
     security = BEARER
+    request_class = StrictJSONRequest
 
     @post(
         "/",
@@ -64,7 +76,7 @@ class ImagesController(Controller):
                     " queued. Only `prompts` is required; the generation parameters default to"
                     " config.toml's [generation] and a value outside its bounds is refused"
                     " with 400 naming the field and the allowed range.",
-        responses=error_responses(400, 401, 402, 413, 422, 429, 503),
+        responses=error_responses(400, 401, 402, 413, 415, 422, 429, 503),
         operation_class=IdempotentOperation,
     )
     def create(self, request: Request[KeyOwner, Any, Any], data: JSONBody[CreateImagesRequest],
@@ -135,18 +147,24 @@ class ImagesController(Controller):
         return ServerSentEvent(progress.job_events(first, read_job, api_image_url(request),
                                                    stopping))
 
+    # The index is read as text and parsed here: a route's `int` takes what
+    # Python's int() takes ("٣", "1_0") and any size, which SQLite cannot bind.
     @get(
-        "/{job_id:str}/images/{index:int}",
+        "/{job_id:str}/images/{index:str}",
         name="job_image",
         summary="Download one finished image as PNG",
         media_type="image/png",
         responses=error_responses(401, 404, 429, 503),
     )
     async def image(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
-                    index: FromPath[int], jobs: Jobs) -> Response[bytes]:
-        path = jobs.image_path(request.user.account_id, job_id, index)
+                    index: Annotated[str, Parameter(schema_extra=INDEX_SCHEMA)],
+                    jobs: Jobs) -> Response[bytes]:
+        number = row_id(index)
+        if number is None:
+            raise NotFound(f"image {index[:40]!r} of this job does not exist")
+        path = jobs.image_path(request.user.account_id, job_id, number)
         # One read on a worker thread: a PNG is at most a few megabytes, and
         # streaming it in chunks costs a thread hop per chunk and per stat.
         png = await anyio.Path(path).read_bytes()
         return Response(png, media_type="image/png", headers={
-            "Content-Disposition": f'inline; filename="{job_id}-{index}.png"'})
+            "Content-Disposition": f'inline; filename="{job_id}-{number}.png"'})

@@ -27,11 +27,13 @@ from appliance.core.errors import ApplianceError
 from appliance.jobs import parameters
 from appliance.jobs.models import GenerationSettings, ImageStatus, JobView
 from appliance.jobs.service import JobRequest, JobService
+from appliance.web.api.bodies import StrictJSONRequest
 from appliance.web.api.documentation import BEARER
 from appliance.web.api.documentation import error_responses as documented
 from appliance.web.api.errors import (
     body_problem,
     database_error,
+    guarded,
     http_error,
     os_error,
     unexpected_error,
@@ -45,6 +47,7 @@ from appliance.web.api.schemas import (
     OpenAIModel,
     OpenAIModelList,
 )
+from appliance.web.api.views import api_image_url
 from appliance.web.dependencies import Jobs, Settings
 
 PREFIX = "/v1"
@@ -60,6 +63,7 @@ ERROR_KINDS: dict[int, tuple[str, str | None]] = {
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
     429: ("requests", "rate_limit_exceeded"),
     503: ("server_error", "queue_full"),
     504: ("timeout", "timeout"),
@@ -152,13 +156,16 @@ def openai_errors_on_v1(handlers: dict) -> dict:
         return handle
 
     # Keys may be exception types or status codes; the exception picks the shape.
-    return {key: under_v1(native) for key, native in handlers.items()}
+    return {key: guarded(under_v1(native)) for key, native in handlers.items()}
 
 
 ERROR_MEANINGS = {
     400: "A parameter is not valid; `error.param` names it. Nothing is charged.",
-    401: "Missing or invalid Authorization header / Invalid API key format / Invalid API key.",
+    401: "Missing or invalid Authorization header / More than one Authorization header /"
+         " Invalid API key format / Invalid API key.",
     402: "Insufficient credits (code insufficient_quota).",
+    413: "The request body is larger than limits.max_request_bytes. Nothing is charged.",
+    415: "The body is not sent as JSON (Content-Type: application/json). Nothing is charged.",
     500: "No image could be made; the credits were refunded.",
     503: "The queue cannot take the images now; retry after `Retry-After` seconds.",
     504: "The images were not ready within the configured wait (openai.wait_timeout);"
@@ -205,6 +212,7 @@ class OpenAIController(Controller):
     path = PREFIX
     tags = ["OpenAI-compatible"]
     security = BEARER
+    request_class = StrictJSONRequest
 
     @post(
         "/images/generations",
@@ -214,7 +222,7 @@ class OpenAIController(Controller):
                     " charged and queued like POST /api/playground/images. The answer waits"
                     " for the images, up to openai.wait_timeout seconds. `url` results point"
                     " at this server and need the same API key.",
-        responses=error_responses(400, 401, 402, 500, 503, 504),
+        responses=error_responses(400, 401, 402, 413, 415, 500, 503, 504),
     )
     async def generations(self, request: Request[KeyOwner, Any, Any],
                           data: JSONBody[OpenAIImageRequest], jobs: Jobs,
@@ -232,9 +240,9 @@ class OpenAIController(Controller):
             reason = next((image.error for image in job.images if image.error), "unknown")
             raise NoImageMade(f"No image could be made ({reason}); the credits were refunded")
         if data.response_format == "url":
+            image_url = api_image_url(request)
             return OpenAIImagesResponse(created, [
-                OpenAIImage(url=request.url_for("job_image", job_id=job_id, index=image.index))
-                for image in finished])
+                OpenAIImage(url=image_url(job_id, image.index)) for image in finished])
 
         def encode() -> list[OpenAIImage]:
             return [OpenAIImage(b64_json=_b64_png(jobs.image_path(account_id, job_id, image.index)))

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from litestar import Request
 
 from appliance.jobs.models import ImageView, JobView
+from appliance.web.api.limits import absolute_url
 from appliance.web.api.schemas import JobImage, JobParameters, JobResponse
 
 # (job id, image index) -> where the owner fetches that image's PNG
@@ -15,7 +16,8 @@ ImageUrl = Callable[[str, int], str]
 
 def api_image_url(request: Request) -> ImageUrl:
     def url(job_id: str, index: int) -> str:
-        return request.url_for("job_image", job_id=job_id, index=index)
+        return absolute_url(request, request.app.route_reverse("job_image", job_id=job_id,
+                                                               index=str(index)))
 
     return url
 

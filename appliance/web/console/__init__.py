@@ -20,7 +20,12 @@ from appliance.ops.initialise import make_secret_file
 from appliance.services import Services
 from appliance.web.console.admin import AdminPages
 from appliance.web.console.pages import ConsolePages
-from appliance.web.console.rendering import CONSOLE_EXCEPTION_HANDLERS, STATIC, template_config
+from appliance.web.console.rendering import (
+    CONSOLE_EXCEPTION_HANDLERS,
+    CONSOLE_PATH,
+    STATIC,
+    template_config,
+)
 from appliance.web.console.security import SecurityHeadersMiddleware, signed_in_guard
 from appliance.web.console.sessions import STORE_NAME, ConsoleSessionConfig, DatabaseSessionStore
 from appliance.web.console.signin_pages import home, login, login_page, logout
@@ -61,6 +66,7 @@ class ConsolePlugin(InitPlugin):
             cookie_name=CSRF_COOKIE,
             cookie_httponly=True,  # forms carry the token; no script needs the cookie
             cookie_samesite="lax",
+            # Over HTTPS always, whatever this says: security.over_https.
             cookie_secure=console.secure_cookies,
             exclude=CSRF_EXEMPT,
         )
@@ -70,7 +76,7 @@ class ConsolePlugin(InitPlugin):
             Router(path="/", route_handlers=[home, login_page, login, logout],
                    middleware=middleware, exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
                    include_in_schema=False),
-            Router(path="/console", route_handlers=[ConsolePages, AdminPages],
+            Router(path=CONSOLE_PATH, route_handlers=[ConsolePages, AdminPages],
                    guards=[signed_in_guard(self.services.accounts, console)],
                    middleware=middleware, exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
                    include_in_schema=False),

@@ -14,7 +14,8 @@ from litestar.response import File, Redirect, Template
 from appliance.accounts.accounts import Account
 from appliance.accounts.service import AccountService, KeyService
 from appliance.core.config import Config
-from appliance.core.errors import ApplianceError, BadRequest
+from appliance.core.errors import ApplianceError, BadRequest, NotFound
+from appliance.core.numbers import LARGEST_INTEGER, row_id, whole_number
 from appliance.jobs.parameters import check_prompts
 from appliance.jobs.service import JobRequest, JobService
 from appliance.web.api.views import job_response
@@ -24,6 +25,8 @@ from appliance.web.dependencies import Accounts, Jobs, Keys, Settings
 
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
 JOBS_PER_PAGE = 12
+# The last gallery page whose first job's place SQLite can still count to.
+LAST_PAGE = LARGEST_INTEGER // JOBS_PER_PAGE
 
 
 @dataclass
@@ -86,10 +89,15 @@ class ConsolePages(Controller):
         # response, never stored, never put in the session.
         return self._keys_page(request, keys, status_code=201, new_key=raw, new_key_info=info)
 
-    @post("/api-keys/{key_id:int}/delete", sync_to_thread=True)
-    def delete_key(self, request: Request[Account, Any, Any], key_id: FromPath[int],
+    # Ids and indices in these addresses are read as text and parsed with
+    # row_id: a route's `int` takes what int() takes ("٣", "1_0") and any size.
+    @post("/api-keys/{key_id:str}/delete", sync_to_thread=True)
+    def delete_key(self, request: Request[Account, Any, Any], key_id: FromPath[str],
                    keys: Keys) -> Redirect:
-        key = keys.delete_by_id(request.user.id, key_id, actor(request))
+        number = row_id(key_id)
+        if number is None:
+            raise NotFound("No such key: it may have been deleted already")
+        key = keys.delete_by_id(request.user.id, number, actor(request))
         flash(request, f"Deleted key “{key.name}” ({key.prefix}…). It is refused from now on.")
         return Redirect("/console/api-keys", status_code=303)
 
@@ -134,7 +142,11 @@ class ConsolePages(Controller):
 
     @get("/jobs", name="console.gallery", sync_to_thread=True)
     def gallery(self, request: Request[Account, Any, Any], jobs: Jobs,
-                page_number: Annotated[int, QueryParameter(name="page", ge=1)] = 1) -> Template:
+                page_text: Annotated[str, QueryParameter(name="page")] = "1") -> Template:
+        try:
+            page_number = whole_number(page_text, 1, LAST_PAGE)
+        except ValueError as problem:
+            raise BadRequest(f"There is no such page of images: {problem}") from None
         total = jobs.count(request.user.id)
         listed = jobs.page(request.user.id, limit=JOBS_PER_PAGE,
                            offset=(page_number - 1) * JOBS_PER_PAGE)
@@ -155,10 +167,13 @@ class ConsolePages(Controller):
         return {**msgspec.to_builtins(job_response(job, console_image_url)),
                 "finished": job.status.finished}
 
-    @get("/jobs/{job_id:str}/images/{index:int}", sync_to_thread=True, media_type="image/png")
+    @get("/jobs/{job_id:str}/images/{index:str}", sync_to_thread=True, media_type="image/png")
     def image(self, request: Request[Account, Any, Any], job_id: FromPath[str],
-              index: FromPath[int], jobs: Jobs, download: FromQuery[bool] = False) -> File:
-        path = jobs.image_path(request.user.id, job_id, index)
-        return File(path, media_type="image/png", filename=f"{job_id}-{index}.png",
+              index: FromPath[str], jobs: Jobs, download: FromQuery[bool] = False) -> File:
+        number = row_id(index)
+        if number is None:
+            raise NotFound("There is no such image")
+        path = jobs.image_path(request.user.id, job_id, number)
+        return File(path, media_type="image/png", filename=f"{job_id}-{number}.png",
                     content_disposition_type="attachment" if download else "inline",
                     headers={"Cache-Control": "private, max-age=3600"})

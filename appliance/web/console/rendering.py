@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -20,6 +21,7 @@ from appliance.web.console.security import SECURITY_HEADERS, SignInRequired
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
 LOGIN_PATH = "/login"
+CONSOLE_PATH = "/console"
 
 
 def when(iso: str | None) -> str:
@@ -44,8 +46,10 @@ def template_config() -> TemplateConfig:
 
 def page(request: Request, template: str, status_code: int = 200, **context: Any) -> Template:
     me = request.scope.get("user")
+    # The raw path: request.url parses the Host header too, and an error page
+    # must render whatever that header holds.
     return Template(template_name=template, status_code=status_code,
-                    context={"me": me, "path": request.url.path, **context})
+                    context={"me": me, "path": request.scope.get("path", ""), **context})
 
 
 def wants_html(request: Request) -> bool:
@@ -54,9 +58,9 @@ def wants_html(request: Request) -> bool:
 
 def safe_next(target: str | None) -> str:
     """Where to go after signing in: only a console page of this site."""
-    if target and target.startswith("/console") and "//" not in target and "\\" not in target:
+    if target and target.startswith(CONSOLE_PATH) and "//" not in target and "\\" not in target:
         return target
-    return "/console"
+    return CONSOLE_PATH
 
 
 def _html_error(request: Request, message: str, status: int,
@@ -74,7 +78,8 @@ def _with_headers(response: Response[Any]) -> Response[Any]:
 def console_error(request: Request, exc: Exception) -> Response[Any]:
     """People get a page; the console's own scripts and other clients get JSON."""
     if isinstance(exc, SignInRequired) and wants_html(request):
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        asked = request.scope.get("query_string", b"").decode("latin-1")
+        target = request.scope.get("path", "") + (f"?{asked}" if asked else "")
         query = urlencode({"next": target}) if request.method == "GET" else ""
         return _with_headers(Redirect(f"{LOGIN_PATH}?{query}" if query else LOGIN_PATH,
                                       status_code=303))
@@ -106,9 +111,27 @@ def _page_message(exc: HTTPException) -> str:
     return exc.detail
 
 
+def console_errors_under_console(handlers: dict) -> dict:
+    """The app's exception handlers, answering as the console for paths under /console.
+
+    The console's routers have their own handlers; this is for the addresses
+    under /console that no route matches, which only the app's handlers see.
+    """
+    def under_console(native: Callable) -> Callable:
+        def handle(request: Request, exc: Exception) -> Response[Any]:
+            path = request.scope.get("path", "")
+            if path == CONSOLE_PATH or path.startswith(CONSOLE_PATH + "/"):
+                return console_error(request, exc)
+            return native(request, exc)
+
+        return handle
+
+    return {key: under_console(native) for key, native in handlers.items()}
+
+
 CONSOLE_EXCEPTION_HANDLERS: ExceptionHandlersMap = {
-    ApplianceError: console_error,
-    ValidationException: console_error,
-    HTTPException: console_error,
-    Exception: console_error,
+    ApplianceError: api_errors.guarded(console_error),
+    ValidationException: api_errors.guarded(console_error),
+    HTTPException: api_errors.guarded(console_error),
+    Exception: api_errors.guarded(console_error),
 }

@@ -157,7 +157,7 @@ class ConsoleSessionBackend(ServerSideSessionBackend):
             if loaded_id:
                 await self.delete(loaded_id, store=store)
             if connection.cookies.get(self.config.key):
-                headers.add("Set-Cookie", self._cookie(connection, "", expires=0))
+                headers.add("Set-Cookie", self._cookie("", expires=0))
             return
         session_id = loaded_id
         if session_id is None or state.pop(_ROTATE, False):
@@ -168,16 +168,15 @@ class ConsoleSessionBackend(ServerSideSessionBackend):
         # Unchanged data was already renewed by the read; skip the write.
         if session_id != loaded_id or data != state.get(_LOADED_DATA):
             await self.set(session_id=session_id, data=data, store=store)
-        headers.add("Set-Cookie", self._cookie(connection, session_id))
+        headers.add("Set-Cookie", self._cookie(session_id))
 
-    def _cookie(self, connection: ASGIConnection, value: str, **extra: Any) -> str:
+    def _cookie(self, value: str, **extra: Any) -> str:
         config = self.config
-        # Secure whenever the request came over HTTPS (uvicorn reads
-        # X-Forwarded-Proto from a proxy on this machine).
-        secure = config.secure or connection.url.scheme == "https"
         params = {"max_age": config.max_age, **extra} if value else extra
+        # Secure here only by configuration (console.secure_cookies); over HTTPS,
+        # security.over_https makes every cookie Secure.
         return Cookie(key=config.key, value=value, path=config.path, domain=config.domain,
-                      secure=secure, httponly=config.httponly, samesite=config.samesite,
+                      secure=config.secure, httponly=config.httponly, samesite=config.samesite,
                       **params).to_header(header="")
 
 
