@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import appliance.core.config as config_module
 from appliance.core.config import (
     BOUNDS,
     SETTINGS,
@@ -206,6 +207,8 @@ def test_search_order_is_option_then_environment_then_working_folder(tmp_path, m
 def test_missing_named_file_is_an_error_but_missing_default_means_defaults(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+    # Code run from a checkout would find the checkout's config.toml (tests/test_first_hour.py).
+    monkeypatch.setattr(config_module, "CHECKOUT", tmp_path / "installed")
     config = load_config()
     assert config.server.port == Config().server.port
     assert config.storage.database == tmp_path / "data" / "appliance.db"

@@ -278,6 +278,12 @@ def test_console_key_management_is_audited_with_the_browser_address(instant_clie
     listing = http.get("/console/api-keys").text
     assert raw not in listing and raw[:12] in listing and "Production" in listing
     assert created.headers["cache-control"] == "no-store"
+    # Just made: the form is closed again and the new key's row is marked; an error
+    # keeps the form open with the message beside it.
+    assert 'class="add-key inline-form"' in created.text
+    assert created.text.count('class="just-made"') == 1
+    unnamed = post_form(http, "/console/api-keys", name="")
+    assert unnamed.status_code == 400 and 'class="add-key inline-form open"' in unnamed.text
 
     info = keys.list_keys(db, account.id)[0]
     deleted = post_form(http, f"/console/api-keys/{info.id}/delete")
@@ -351,6 +357,11 @@ def test_admins_manage_accounts_and_credits_and_export_the_audit_log(instant_cli
 
     page = http.get("/console/admin/audit", params={"account": "new@", "action": "account.disable"})
     assert page.status_code == 200 and page.text.count('<span class="badge">account.disable') == 1
+    # The details read as name: value fields; the exports below keep the JSON.
+    grants = http.get("/console/admin/audit", params={"action": "credits.grant"}).text
+    assert "<dt>reason:</dt> <dd>compliance request 7</dd>" in grants
+    assert "<dt>amount:</dt> <dd>-3</dd>" in grants
+    assert "amount&#34;" not in grants and '"amount"' not in grants
     today = grant["created_at"][:10]
     exported = http.get("/console/admin/audit/export",
                         params={"format": "csv", "account": "new@example.com", "since": today,

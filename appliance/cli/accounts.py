@@ -16,7 +16,7 @@ from appliance.cli.common import (
     WholeNumber,
     account_services,
     connection_pool,
-    pass_config,
+    pass_config_file,
 )
 from appliance.core.config import Config
 
@@ -44,7 +44,7 @@ def _read_password(from_stdin: bool) -> str:
               help="initial credits")
 @click.option("--password-stdin", is_flag=True,
               help="read the password from the first line of standard input")
-@pass_config
+@pass_config_file
 def create(config: Config, email: str, admin: bool, credits: int, password_stdin: bool) -> None:
     """create an account
 
@@ -61,7 +61,7 @@ def create(config: Config, email: str, admin: bool, credits: int, password_stdin
 
 @group.command("unlock")
 @click.argument("email")
-@pass_config
+@pass_config_file
 def unlock(config: Config, email: str) -> None:
     """let an account sign in to the console at once again
 

@@ -12,7 +12,7 @@ from typing import IO, Any, Concatenate, ParamSpec
 import click
 
 from appliance.accounts.service import AccountService, KeyService
-from appliance.core.config import Config, ConfigError, load_config
+from appliance.core.config import CONFIG_ENV, Config, ConfigError, load_config
 from appliance.core.database import ConnectionPool, problem_sentence
 from appliance.core.errors import ApplianceError
 from appliance.core.numbers import LARGEST_INTEGER, whole_number
@@ -132,7 +132,14 @@ def _remember_config_file(ctx: click.Context, param: click.Parameter, value: Pat
 config_option = click.option(
     "--config", type=click.Path(path_type=Path), metavar="FILE", expose_value=False,
     callback=_remember_config_file,
-    help="config file (default: $APPLIANCE_CONFIG, else ./config.toml)")
+    help="config file (default: $APPLIANCE_CONFIG, else ./config.toml, else the checkout's"
+         " own when run from one)")
+
+
+# Said by a command that works on an installation's data when no config file names one:
+# the defaults would make an empty database in whatever folder it was run from.
+NO_CONFIG_FILE = ("no config file, so no database to use: pass --config FILE, set"
+                  f" {CONFIG_ENV}, or run it in the folder holding config.toml")
 
 
 def pass_config(command: Callable[Concatenate[Config, P], None]) -> Callable[P, None]:
@@ -141,8 +148,19 @@ def pass_config(command: Callable[Concatenate[Config, P], None]) -> Callable[P, 
     Put it right above the function. ConfigError and ApplianceError become one line
     and exit status 1, and so does a database the command cannot use (damaged, not a
     database, unreadable, locked), worded with what to do; Ctrl-C, exit status 130.
+    Without a config file the command runs on the defaults.
     """
+    return _with_config(command, needs_file=False)
 
+
+def pass_config_file(command: Callable[Concatenate[Config, P], None]) -> Callable[P, None]:
+    """pass_config for a command that works on an existing installation's data: without a
+    config file it says so in one line (NO_CONFIG_FILE) and makes nothing."""
+    return _with_config(command, needs_file=True)
+
+
+def _with_config(command: Callable[Concatenate[Config, P], None], *,
+                 needs_file: bool) -> Callable[P, None]:
     @config_option
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
@@ -151,6 +169,8 @@ def pass_config(command: Callable[Concatenate[Config, P], None]) -> Callable[P, 
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             config = load_config(ctx.meta.get(_CONFIG_FILE))
+            if needs_file and config.source is None:
+                raise CommandError(NO_CONFIG_FILE)
             configure_logging(config.logging)
             command(config, *args, **kwargs)
         except (ConfigError, ApplianceError) as exc:

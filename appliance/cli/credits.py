@@ -6,7 +6,7 @@ import click
 
 from appliance.accounts.accounts import MAX_CREDITS
 from appliance.accounts.audit import Actor
-from appliance.cli.common import CommandGroup, WholeNumber, account_services, pass_config
+from appliance.cli.common import CommandGroup, WholeNumber, account_services, pass_config_file
 from appliance.core.config import Config
 
 
@@ -20,7 +20,7 @@ def group() -> None:
 @click.argument("email")
 @click.argument("amount", type=WholeNumber(-MAX_CREDITS, MAX_CREDITS))
 @click.option("--reason", default="grant", help="why, for the ledger")
-@pass_config
+@pass_config_file
 def grant(config: Config, email: str, amount: int, reason: str) -> None:
     """add credits to an account (a negative number removes them)
 

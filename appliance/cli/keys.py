@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from appliance.accounts.audit import Actor
-from appliance.cli.common import CommandGroup, account_services, pass_config
+from appliance.cli.common import CommandGroup, account_services, pass_config_file
 from appliance.core.config import Config
 
 
@@ -17,7 +17,7 @@ def group() -> None:
 @group.command("create")
 @click.argument("email")
 @click.option("--name", required=True, help="a descriptive name, e.g. Production")
-@pass_config
+@pass_config_file
 def create(config: Config, email: str, name: str) -> None:
     """create an API key; prints it once, as the last line
 
@@ -33,7 +33,7 @@ def create(config: Config, email: str, name: str) -> None:
 
 @group.command("list")
 @click.argument("email")
-@pass_config
+@pass_config_file
 def list_keys(config: Config, email: str) -> None:
     """list an account's live keys
 
@@ -55,7 +55,7 @@ def list_keys(config: Config, email: str) -> None:
 @click.argument("email")
 @click.argument("prefix")
 @click.option("--name", help="the key's name, where two keys share a prefix")
-@pass_config
+@pass_config_file
 def delete(config: Config, email: str, prefix: str, name: str | None) -> None:
     """revoke a key, at once and for good
 

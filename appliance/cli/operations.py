@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from appliance.cli.common import CommandError, pass_config
+from appliance.cli.common import CommandError, pass_config_file
 from appliance.core.config import Config
 
 
@@ -20,7 +20,7 @@ def _file_problem(exc: OSError) -> CommandError:
 
 @click.command("backup")
 @click.argument("path", type=click.Path(path_type=Path))
-@pass_config
+@pass_config_file
 def backup(config: Config, path: Path) -> None:
     """copy the database (online, while the service runs), the images and the secret into a
     new folder
@@ -39,7 +39,7 @@ def backup(config: Config, path: Path) -> None:
 
 @click.command("restore")
 @click.argument("path", type=click.Path(path_type=Path))
-@pass_config
+@pass_config_file
 def restore(config: Config, path: Path) -> None:
     """replace the data with a backup's; the service must be stopped (the data replaced is
     moved aside, not deleted)
@@ -60,7 +60,7 @@ def restore(config: Config, path: Path) -> None:
 
 
 @click.command("doctor")
-@pass_config
+@pass_config_file
 def doctor(config: Config) -> None:
     """check the GPU, driver, model, database and config, and say what is wrong
 

@@ -549,13 +549,34 @@ SETTINGS: tuple[Setting, ...] = tuple(
 _BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 
 
+# The folder above the package: a checkout when the code runs from one (the editable
+# install `install.sh --dev` makes), site-packages when it was installed as a copy.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def checkout_config_file() -> Path | None:
+    """The config.toml of the checkout this code runs from, if it runs from one.
+
+    So that a checkout's `.venv/bin/appliance` means the checkout's service from any
+    folder; an installed copy finds none here (the installer's wrapper names its config).
+    """
+    if (CHECKOUT / "pyproject.toml").is_file() and (CHECKOUT / "config.toml").is_file():
+        return CHECKOUT / "config.toml"
+    return None
+
+
 def find_config_file(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
-    """Returns (path, must_exist): --config, else $APPLIANCE_CONFIG, else ./config.toml."""
+    """Returns (path, must_exist): --config, else $APPLIANCE_CONFIG, else ./config.toml,
+    else the config of the checkout this code runs from."""
     if explicit:
         return Path(explicit), True
     if os.environ.get(CONFIG_ENV):
         return Path(os.environ[CONFIG_ENV]), True
-    return Path("config.toml"), False
+    here = Path("config.toml")
+    checkout = None if here.exists() else checkout_config_file()
+    if checkout is not None:
+        return checkout, True
+    return here, False
 
 
 def read_config_file(explicit: str | os.PathLike[str] | None = None

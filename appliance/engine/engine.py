@@ -15,7 +15,7 @@ from appliance.core.config import Config
 from appliance.core.database import ConnectionPool
 from appliance.core.devices import ALL, resolve_devices
 from appliance.engine import gpu
-from appliance.engine.metrics import EngineMetrics, EngineStatus
+from appliance.engine.metrics import EngineMetrics, EngineStatus, WorkerStatus
 from appliance.engine.queue import ImageQueue
 from appliance.engine.worker import ImageGenerator, Worker
 from appliance.engine.writer import ImageWriter
@@ -117,5 +117,20 @@ class Engine:
         return None
 
     def status(self) -> EngineStatus:
+        """The running engine at this moment: what /metrics and the console's system page show."""
         return EngineStatus(queue_depth=len(self.queue), ready=self.ready,
-                            heartbeat_age_seconds=max(0.0, time.monotonic() - self.heartbeat))
+                            heartbeat_age_seconds=max(0.0, time.monotonic() - self.heartbeat),
+                            workers=tuple(self._worker_status(device, worker) for device, worker
+                                          in zip(self.devices, self.workers, strict=True)),
+                            queue_by_account=self.queue.depth_by_account(),
+                            images_per_minute=self.metrics.rate.per_minute(),
+                            gpu_memory=tuple(gpu.memory_by_device()))
+
+    def _worker_status(self, device: str, worker: Worker) -> WorkerStatus:
+        batches = worker.batches_in_progress()
+        newest = batches[-1] if batches else None
+        return WorkerStatus(name=worker.name, device=device, ready=worker.ready.is_set(),
+                            alive=worker.is_alive(), max_batch_size=worker.batch_size,
+                            batches_in_flight=len(batches),
+                            batch_size=newest.size if newest else None,
+                            batch_settings=newest.settings if newest else None)

@@ -4,18 +4,44 @@ The workers count images through the EngineMetrics they are given; gauges of
 the running engine (queue depth, readiness, worker heartbeat, GPU memory) are
 read at scrape time from a status function. Nothing here imports the engine,
 and several engines in one process (the tests) never clash over metric names.
+
+The console's system page also wants the images made per minute over the last
+hour, which a Prometheus counter cannot answer by itself: ImageRate keeps them
+in memory, so they start again from zero when the service restarts.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from appliance.engine.gpu import memory_by_device
+from appliance.jobs.models import GenerationSettings
+
+# (device, kind, bytes), as gpu.memory_by_device yields them.
+MemoryFigure = tuple[str, str, float]
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    name: str
+    device: str
+    ready: bool
+    alive: bool
+    max_batch_size: int
+    batches_in_flight: int
+    # The newest batch started and not yet ended; None while the worker is idle.
+    batch_size: int | None = None
+    batch_settings: GenerationSettings | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.batches_in_flight > 0
 
 
 @dataclass(frozen=True)
@@ -23,10 +49,62 @@ class EngineStatus:
     queue_depth: int
     ready: bool
     heartbeat_age_seconds: float
+    workers: tuple[WorkerStatus, ...] = ()
+    # Account id -> images it has waiting in the queue.
+    queue_by_account: dict[int, int] = field(default_factory=dict)
+    # Images made in each of the last 60 minutes, oldest first (see ImageRate).
+    images_per_minute: tuple[int, ...] = ()
+    # Empty where no CUDA device is in use.
+    gpu_memory: tuple[MemoryFigure, ...] = ()
+
+    @property
+    def images_last_minute(self) -> int:
+        return self.images_per_minute[-1] if self.images_per_minute else 0
+
+    @property
+    def images_last_hour(self) -> int:
+        return sum(self.images_per_minute)
+
+
+class ImageRate:
+    """Images made in each second of the last hour, in a ring of one slot a second.
+
+    Memory only, a fixed 3,600 slots: a slot older than an hour is reused. Read
+    as per-minute totals, the newest of which covers exactly the last 60 seconds.
+    """
+
+    SECONDS = 3600
+    MINUTE = 60
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._counts = [0] * self.SECONDS
+        self._stamps = [-1] * self.SECONDS  # the whole second each slot counts
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        second = int(self._clock())
+        slot = second % self.SECONDS
+        with self._lock:
+            if self._stamps[slot] != second:
+                self._stamps[slot], self._counts[slot] = second, 0
+            self._counts[slot] += count
+
+    def per_minute(self) -> tuple[int, ...]:
+        """Images made in each of the last 60 minutes, oldest first."""
+        now = int(self._clock())
+        minutes = [0] * (self.SECONDS // self.MINUTE)
+        with self._lock:
+            for stamp, count in zip(self._stamps, self._counts, strict=True):
+                age = now - stamp
+                if stamp >= 0 and 0 <= age < self.SECONDS:
+                    minutes[-1 - age // self.MINUTE] += count
+        return tuple(minutes)
 
 
 class EngineMetrics:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = ImageRate(clock)
         self.registry = CollectorRegistry(auto_describe=False)
         self._generated = Counter("appliance_images_generated_total",
                                   "Images generated and saved.", registry=self.registry)
@@ -44,6 +122,7 @@ class EngineMetrics:
     def images_generated(self, count: int, seconds: float) -> None:
         self._generated.inc(count)
         self._seconds.observe(seconds)
+        self.rate.add(count)
 
     def images_failed(self, count: int) -> None:
         self._failed.inc(count)
@@ -71,7 +150,7 @@ class _StatusCollector(Collector):
                                    "GPU memory by device: allocated and reserved by torch,"
                                    " free and total on the device.",
                                    labels=["device", "kind"])
-        for device, kind, value in memory_by_device():
+        for device, kind, value in status.gpu_memory:
             memory.add_metric([device, kind], value)
         yield memory
 

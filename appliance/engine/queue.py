@@ -132,6 +132,12 @@ class ImageQueue:
         self._count -= len(batch)
         return batch
 
+    def depth_by_account(self) -> dict[int, int]:
+        """How many images each account has waiting, for the operator's view of the queue."""
+        with self._cond:
+            return {account_id: sum(len(lane) for lane in lanes.values())
+                    for account_id, lanes in self._lanes.items()}
+
     def discard(self, account_id: int, job_id: str) -> int:
         """Drops the account's job's images still in line (cancelled); returns how many.
 

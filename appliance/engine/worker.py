@@ -13,6 +13,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -35,6 +36,15 @@ BATCHES_IN_FLIGHT = 3
 # Waits between tries to record a batch's end while the database is locked
 # (a long backup, another writer) or full; the last repeats until it works.
 RECORD_RETRY_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class BatchInProgress:
+    """A batch started and not yet ended, as the operator's system page shows it."""
+
+    size: int
+    settings: GenerationSettings
+    started: float  # time.monotonic
 
 
 class ImageGenerator(Protocol):
@@ -72,6 +82,23 @@ class Worker(threading.Thread):
         self.heartbeat = time.monotonic()
         self._stopping = threading.Event()
         self._in_flight = threading.BoundedSemaphore(BATCHES_IN_FLIGHT)
+        # Batches started and not yet ended, by id() of their list: read by the
+        # system page, written by this thread and the writer threads.
+        self._batches: dict[int, BatchInProgress] = {}
+        self._batches_lock = threading.Lock()
+
+    def batches_in_progress(self) -> list[BatchInProgress]:
+        """The batches started and not yet ended, oldest first; [] when the worker is idle."""
+        with self._batches_lock:
+            return sorted(self._batches.values(), key=lambda batch: batch.started)
+
+    def _note_batch(self, batch: list[QueuedImage], started: float | None) -> None:
+        with self._batches_lock:
+            if started is None:
+                self._batches.pop(id(batch), None)
+            else:
+                self._batches[id(batch)] = BatchInProgress(len(batch), batch[0].settings,
+                                                           started)
 
     def signal_stop(self) -> None:
         self._stopping.set()
@@ -115,6 +142,7 @@ class Worker(threading.Thread):
             self._in_flight.release()
             return
         started = time.perf_counter()
+        self._note_batch(batch, time.monotonic())
         try:
             images = _launch(generator, batch, started)
         except Exception as exc:
@@ -129,6 +157,7 @@ class Worker(threading.Thread):
             # The writers were closed for shutdown: the images stay running and
             # are made again after the restart.
             log.warning("shutting down: %d images are left for the next start", len(batch))
+            self._note_batch(batch, None)
             self._in_flight.release()
 
     def _batch_ended(self, batch: list[QueuedImage], images: BatchImages | None,
@@ -152,6 +181,7 @@ class Worker(threading.Thread):
         except Exception:
             log.exception("could not record the end of a batch of %d images", len(batch))
         finally:
+            self._note_batch(batch, None)
             self._in_flight.release()
 
     def _record_completed(self, images: list[QueuedImage]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from datetime import date
 from enum import StrEnum
 
 MAX_SEED = 2**32 - 1
@@ -140,3 +141,42 @@ class JobSummary:
     created_at: str
     finished_at: str | None
     images: list[ImageView]
+
+
+@dataclass(frozen=True)
+class GalleryFilter:
+    """Which made images the gallery shows; None matches any."""
+
+    job_id: str | None = None
+    key_id: int | None = None
+    since: date | None = None  # the first UTC day an image was made on
+    until: date | None = None  # the last one, inclusive
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    """A made image with what the gallery's large view tells about it."""
+
+    job_id: str
+    index: int
+    prompt: str
+    seed: int
+    settings: GenerationSettings
+    made_at: str
+    key_name: str | None  # None for the playground, where the account itself asked
+
+
+@dataclass(frozen=True)
+class GalleryPage:
+    images: list[GalleryImage]
+    total: int  # every image the filter matches, on all pages
+
+
+@dataclass(frozen=True)
+class KeyChoice:
+    """One of an account's API keys, as the gallery's filter offers it."""
+
+    id: int
+    name: str
+    prefix: str
+    deleted: bool

@@ -16,15 +16,25 @@ lacks.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import date
 from pathlib import Path
 from typing import Protocol
 
 from appliance.core.clock import utc_now
 from appliance.core.config import LimitsConfig
 from appliance.core.database import ConnectionPool, immediate
-from appliance.jobs import admission, idempotency, store
+from appliance.jobs import admission, idempotency, store, usage
 from appliance.jobs.idempotency import IdempotentRequest
-from appliance.jobs.models import GenerationSettings, JobSummary, JobView, QueuedImage, Submitted
+from appliance.jobs.models import (
+    GalleryFilter,
+    GalleryPage,
+    GenerationSettings,
+    JobSummary,
+    JobView,
+    KeyChoice,
+    QueuedImage,
+    Submitted,
+)
 
 
 class JobQueue(Protocol):
@@ -49,6 +59,13 @@ class JobRequest:
     settings: GenerationSettings
     seed: int | None = None
     idempotency: IdempotentRequest | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    days: int
+    images_per_day: list[usage.DayImages]
+    credits_per_key: list[usage.KeySpend]
 
 
 class JobService:
@@ -112,6 +129,27 @@ class JobService:
 
     def count(self, account_id: int) -> int:
         return store.count_jobs(self.database.db(), account_id)
+
+    def usage(self, account_id: int, today: date) -> Usage:
+        """The account's images a day and credits per key over the last USAGE_DAYS days."""
+        db = self.database.db()
+        return Usage(usage.USAGE_DAYS, usage.images_per_day(db, account_id, today),
+                     usage.credits_per_key(db, account_id, today))
+
+    def gallery(self, account_id: int, where: GalleryFilter, limit: int,
+                offset: int = 0) -> GalleryPage:
+        """The account's made images across its jobs, newest first, and how many match."""
+        db = self.database.db()
+        return GalleryPage(store.gallery_images(db, account_id, where, limit, offset),
+                           store.count_gallery_images(db, account_id, where))
+
+    def pending(self, account_id: int, limit: int) -> list[JobSummary]:
+        """The account's jobs still waiting or generating, newest first."""
+        return store.pending_jobs(self.database.db(), account_id, limit)
+
+    def gallery_keys(self, account_id: int) -> list[KeyChoice]:
+        """The keys the gallery can filter by: live ones and deleted ones with images."""
+        return store.gallery_keys(self.database.db(), account_id)
 
     def image_path(self, account_id: int, job_id: str, index: int) -> Path:
         """The PNG of a finished image of the account's job (NotFound otherwise)."""

@@ -11,6 +11,7 @@ import secrets
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,15 @@ from appliance.core.errors import NotFound
 from appliance.jobs.models import (
     MAX_SEED,
     PENDING_IMAGE_STATUSES,
+    GalleryFilter,
+    GalleryImage,
     GenerationSettings,
     ImageStatus,
     ImageView,
     JobStatus,
     JobSummary,
     JobView,
+    KeyChoice,
     QueuedImage,
     Submitted,
 )
@@ -262,6 +266,20 @@ def list_jobs(db: Database, account_id: int, limit: int = 20, offset: int = 0) -
     rows = list(db.query(
         "SELECT * FROM jobs WHERE account_id = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
         [account_id, limit, offset]))
+    return _summaries(db, rows)
+
+
+def pending_jobs(db: Database, account_id: int, limit: int) -> list[JobSummary]:
+    """The account's jobs still waiting or generating, newest first."""
+    rows = list(db.query(
+        "SELECT * FROM jobs WHERE account_id = ? AND status IN (?, ?)"
+        " ORDER BY created_at DESC, id LIMIT ?",
+        [account_id, JobStatus.QUEUED, JobStatus.PROCESSING, limit]))
+    return _summaries(db, rows)
+
+
+def _summaries(db: Database, rows: list[dict[str, Any]]) -> list[JobSummary]:
+    """The jobs of these rows of `jobs`, with their images."""
     images: dict[str, list[ImageView]] = defaultdict(list)
     if rows:
         marks = ", ".join("?" for _ in rows)
@@ -289,3 +307,66 @@ def list_jobs(db: Database, account_id: int, limit: int = 20, offset: int = 0) -
 
 def count_jobs(db: Database, account_id: int) -> int:
     return db.execute("SELECT COUNT(*) FROM jobs WHERE account_id = ?", [account_id]).fetchone()[0]
+
+
+def _gallery_where(account_id: int, where: GalleryFilter) -> tuple[str, list[Any]]:
+    """The WHERE clause shared by the gallery's page and its count."""
+    # The unary + keeps SQLite off the index on status alone, which holds every
+    # account's images: the account's jobs come first (jobs_account), then their
+    # images by the (job_id, idx) key.
+    clauses = ["j.account_id = ?", "+i.status = ?"]
+    params: list[Any] = [account_id, ImageStatus.COMPLETED]
+    if where.job_id is not None:
+        clauses.append("j.id = ?")
+        params.append(where.job_id)
+    if where.key_id is not None:
+        clauses.append("j.api_key_id = ?")
+        params.append(where.key_id)
+    # finished_at is ISO 8601 text, so comparing it as text is comparing times.
+    if where.since is not None:
+        clauses.append("i.finished_at >= ?")
+        params.append(where.since.isoformat())
+    # Before the day after `until`; the last day a date can name has no day after it.
+    if where.until is not None and where.until < date.max:
+        clauses.append("i.finished_at < ?")
+        params.append((where.until + timedelta(days=1)).isoformat())
+    return " AND ".join(clauses), params
+
+
+def gallery_images(db: Database, account_id: int, where: GalleryFilter, limit: int,
+                   offset: int) -> list[GalleryImage]:
+    """The account's made images, newest job first, each job's in index order.
+
+    CROSS JOIN makes SQLite read jobs first, in the jobs_account index's order, so
+    that it sorts only within each job and stops once the page is full.
+    """
+    clause, params = _gallery_where(account_id, where)
+    rows = db.execute(
+        "SELECT i.job_id, i.idx, i.prompt, i.seed, j.settings, i.finished_at, k.name"
+        " FROM jobs j CROSS JOIN job_images i ON i.job_id = j.id"
+        " LEFT JOIN api_keys k ON k.id = j.api_key_id"
+        f" WHERE {clause}"
+        " ORDER BY j.created_at DESC, j.id DESC, i.idx LIMIT ? OFFSET ?",
+        [*params, limit, offset]).fetchall()
+    return [GalleryImage(job_id, idx, prompt, seed, GenerationSettings.from_json(settings),
+                         made_at, key_name)
+            for job_id, idx, prompt, seed, settings, made_at, key_name in rows]
+
+
+def count_gallery_images(db: Database, account_id: int, where: GalleryFilter) -> int:
+    clause, params = _gallery_where(account_id, where)
+    return db.execute(f"SELECT COUNT(*) FROM jobs j CROSS JOIN job_images i ON i.job_id = j.id"
+                      f" WHERE {clause}", params).fetchone()[0]
+
+
+def gallery_keys(db: Database, account_id: int) -> list[KeyChoice]:
+    """The account's live keys, and its deleted ones that made an image still on show."""
+    rows = db.execute(
+        "SELECT k.id, k.name, k.prefix, k.deleted_at IS NOT NULL FROM api_keys k"
+        " WHERE k.account_id = ? AND (k.deleted_at IS NULL OR EXISTS ("
+        "   SELECT 1 FROM jobs j CROSS JOIN job_images i ON i.job_id = j.id"
+        "   WHERE j.api_key_id = k.id AND j.account_id = k.account_id AND +i.status = ?))"
+        " ORDER BY k.deleted_at IS NOT NULL, k.name COLLATE NOCASE, k.id",
+        [account_id, ImageStatus.COMPLETED]).fetchall()
+    return [KeyChoice(key_id, name, prefix, bool(deleted))
+            for key_id, name, prefix, deleted in rows]

@@ -29,6 +29,7 @@ from appliance.web.console.rendering import (
 from appliance.web.console.security import SecurityHeadersMiddleware, signed_in_guard
 from appliance.web.console.sessions import STORE_NAME, ConsoleSessionConfig, DatabaseSessionStore
 from appliance.web.console.signin_pages import home, login, login_page, logout
+from appliance.web.console.system import SystemPages
 
 CSRF_COOKIE = "console_csrf"
 # Bearer-key clients send no cookies, so CSRF cannot touch them; and the
@@ -76,7 +77,7 @@ class ConsolePlugin(InitPlugin):
             Router(path="/", route_handlers=[home, login_page, login, logout],
                    middleware=middleware, exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
                    include_in_schema=False),
-            Router(path=CONSOLE_PATH, route_handlers=[ConsolePages, AdminPages],
+            Router(path=CONSOLE_PATH, route_handlers=[ConsolePages, AdminPages, SystemPages],
                    guards=[signed_in_guard(self.services.accounts, console)],
                    middleware=middleware, exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
                    include_in_schema=False),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -51,6 +52,21 @@ def account_in_path(text: str) -> int:
     if number is None:
         raise NotFound(f"no account with id {text[:40]!r}")
     return number
+
+
+def detail_fields(details: str | None) -> list[tuple[str, str]]:
+    """An audit row's details (JSON text) as name/value pairs a person reads; text that is
+    not a JSON object stays one unnamed value."""
+    if not details:
+        return []
+    try:
+        parsed = json.loads(details)
+    except ValueError:
+        return [("", details)]
+    if not isinstance(parsed, dict):
+        return [("", details)]
+    return [(name, value if isinstance(value, str) else json.dumps(value))
+            for name, value in parsed.items()]
 
 
 def admin_actor(request: Request[Account, Any, Any]) -> Actor:
@@ -155,7 +171,7 @@ class AdminPages(Controller):
             entries, error = [], exc.message
         return page(request, "admin_audit.html", status_code=400 if error else 200,
                     entries=entries[:AUDIT_PAGE_ROWS], more=len(entries) > AUDIT_PAGE_ROWS,
-                    where=where, actions=audit.actions(), error=error,
+                    where=where, actions=audit.actions(), error=error, fields=detail_fields,
                     query=request.scope.get("query_string", b"").decode("latin-1"))
 
     @get("/audit/export", sync_to_thread=True)

@@ -13,20 +13,25 @@ from litestar.response import File, Redirect, Template
 
 from appliance.accounts.accounts import Account
 from appliance.accounts.service import AccountService, KeyService
+from appliance.core.clock import utc_clock
 from appliance.core.config import Config
-from appliance.core.errors import ApplianceError, BadRequest, NotFound
-from appliance.core.numbers import LARGEST_INTEGER, row_id, whole_number
+from appliance.core.errors import ApplianceError, BadRequest, InsufficientCredits, NotFound
+from appliance.core.numbers import row_id
 from appliance.jobs.parameters import check_prompts
 from appliance.jobs.service import JobRequest, JobService
 from appliance.web.api.views import job_response
+from appliance.web.console.gallery_query import (
+    IMAGES_PER_PAGE,
+    PENDING_JOBS_SHOWN,
+    GalleryQuery,
+    page_number,
+)
 from appliance.web.console.rendering import page
 from appliance.web.console.security import actor
+from appliance.web.console.usage_charts import usage_pictures
 from appliance.web.dependencies import Accounts, Jobs, Keys, Settings
 
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
-JOBS_PER_PAGE = 12
-# The last gallery page whose first job's place SQLite can still count to.
-LAST_PAGE = LARGEST_INTEGER // JOBS_PER_PAGE
 
 
 @dataclass
@@ -69,6 +74,7 @@ class ConsolePages(Controller):
                     balance=accounts.get(me.id).credits,
                     recent=jobs.page(me.id, limit=5),
                     ledger=accounts.ledger(me.id, limit=15),
+                    usage=usage_pictures(jobs.usage(me.id, utc_clock().date())),
                     flash=take_flash(request))
 
     # API keys, in the words of the hosted console.
@@ -126,8 +132,11 @@ class ConsolePages(Controller):
             message = exc.message
             if isinstance(exc, BadRequest) and "prompts[" in message:
                 message = message.replace("prompts[", "prompt line [")
+            # Said with the refusal: where more credits come from (the template words it
+            # for an admin, who grants them, or for anyone else, who asks one).
             return self._playground_page(request, accounts, jobs, config, status_code=exc.status,
-                                         error=message, prompts=data.prompts)
+                                         error=message, prompts=data.prompts,
+                                         credits_needed=isinstance(exc, InsufficientCredits))
         return Redirect(f"/console/jobs/{submitted.job_id}", status_code=303)
 
     @staticmethod
@@ -142,16 +151,22 @@ class ConsolePages(Controller):
 
     @get("/jobs", name="console.gallery", sync_to_thread=True)
     def gallery(self, request: Request[Account, Any, Any], jobs: Jobs,
-                page_text: Annotated[str, QueryParameter(name="page")] = "1") -> Template:
-        try:
-            page_number = whole_number(page_text, 1, LAST_PAGE)
-        except ValueError as problem:
-            raise BadRequest(f"There is no such page of images: {problem}") from None
-        total = jobs.count(request.user.id)
-        listed = jobs.page(request.user.id, limit=JOBS_PER_PAGE,
-                           offset=(page_number - 1) * JOBS_PER_PAGE)
-        return page(request, "gallery.html", jobs=listed, page_number=page_number,
-                    pages=max(1, -(-total // JOBS_PER_PAGE)), total=total)
+                page_text: Annotated[str, QueryParameter(name="page")] = "1",
+                job: FromQuery[str] = "", key: FromQuery[str] = "",
+                since: Annotated[str, QueryParameter(name="from")] = "",
+                until: Annotated[str, QueryParameter(name="to")] = "") -> Template:
+        """Every made image of the account across its jobs, newest first, filtered and paged."""
+        query = GalleryQuery(job=job, key=key, since=since, until=until)
+        where, number = query.to_filter(), page_number(page_text)
+        found = jobs.gallery(request.user.id, where, limit=IMAGES_PER_PAGE,
+                             offset=(number - 1) * IMAGES_PER_PAGE)
+        pages = max(1, -(-found.total // IMAGES_PER_PAGE))
+        if number > pages:
+            raise BadRequest(f"There is no such page of images: page {number} of {pages}")
+        return page(request, "gallery.html", images=found.images, total=found.total,
+                    page_number=number, pages=pages, query=query,
+                    keys=jobs.gallery_keys(request.user.id),
+                    pending=jobs.pending(request.user.id, PENDING_JOBS_SHOWN))
 
     @get("/jobs/{job_id:str}", name="console.job", sync_to_thread=True)
     def job(self, request: Request[Account, Any, Any], job_id: FromPath[str],

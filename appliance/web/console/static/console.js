@@ -1,5 +1,6 @@
-// The console's only script: the copy button and live job progress.
-// Every page also works without it (progress pages refresh themselves).
+// The console's own script: the narrow-screen menu, opening forms in place, the copy
+// button and live job progress. Every page also works without it (the nav wraps,
+// forms open through their #anchor, progress pages refresh themselves).
 "use strict";
 
 (function () {
@@ -47,6 +48,47 @@
       copyFrom(button);
     }
   });
+
+  // A link that opens a form on the page (the form shows itself on :target without
+  // script): only ever opens it, and puts the cursor in its first field.
+  document.addEventListener("click", function (event) {
+    var opener = event.target.closest("[data-opens]");
+    var form = opener && document.getElementById(opener.getAttribute("data-opens"));
+    if (!form) {
+      return;
+    }
+    event.preventDefault();
+    form.classList.add("open");
+    var field = form.querySelector("input:not([type=hidden]), textarea, select");
+    if (field) {
+      field.focus();
+    }
+  });
+
+  function setMenu(toggle, nav, open) {
+    toggle.setAttribute("aria-expanded", open ? "true" : "false");
+    nav.classList.toggle("open", open);
+  }
+
+  // At narrow widths the top bar's links fold behind a menu button (console.css
+  // hides it elsewhere); without this script they wrap instead.
+  function menu() {
+    var toggle = document.querySelector(".menu-toggle");
+    var nav = toggle && document.getElementById(toggle.getAttribute("aria-controls"));
+    if (!nav) {
+      return;
+    }
+    toggle.closest(".topbar").classList.add("has-menu");
+    toggle.addEventListener("click", function () {
+      setMenu(toggle, nav, toggle.getAttribute("aria-expanded") !== "true");
+    });
+    document.addEventListener("keydown", function (event) {
+      if (event.key === "Escape" && toggle.getAttribute("aria-expanded") === "true") {
+        setMenu(toggle, nav, false);
+        toggle.focus();
+      }
+    });
+  }
 
   function setText(root, field, text) {
     var node = root.querySelector('[data-field="' + field + '"]');
@@ -147,6 +189,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    menu();
     document.querySelectorAll("[data-progress-url]").forEach(watch);
   });
 })();

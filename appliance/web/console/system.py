@@ -1,0 +1,176 @@
+"""The admins' system page: the engine, the queue, the model, the disk and the database, live.
+
+The same figures as /metrics, in words and small charts. The page renders
+whole without script; static/system.js refreshes its figures from
+/console/admin/system.json every few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from litestar import Controller, Request, get
+from litestar.response import Template
+from markupsafe import Markup
+
+from appliance.accounts.accounts import Account
+from appliance.accounts.service import AccountService
+from appliance.core.config import Config
+from appliance.core.version import package_version
+from appliance.engine.engine import Engine
+from appliance.engine.metrics import EngineStatus, ImageRate, WorkerStatus
+from appliance.web.console.charts import Bar, column_chart
+from appliance.web.console.rendering import page
+from appliance.web.console.security import admins_only
+from appliance.web.dependencies import Accounts, EngineDependency, Settings
+from appliance.web.health import _existing
+
+# How often system.js asks for fresh figures; it reads this from the page.
+REFRESH_SECONDS = 5
+SPARKLINE = "sparkline"
+
+
+def size_text(count: float) -> str:
+    """Bytes as a person reads them: 1023 B, 4.0 KiB, 12.3 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def rate_text(images: int, seconds: int) -> str:
+    return f"{images / seconds:.2f} images/s ({images} in {seconds // 60} min)"
+
+
+def worker_state(worker: WorkerStatus) -> str:
+    if not worker.alive:
+        return "stopped"
+    if not worker.ready:
+        return "loading the model"
+    return "busy" if worker.busy else "idle"
+
+
+def batch_text(worker: WorkerStatus) -> str:
+    settings = worker.batch_settings
+    if worker.batch_size is None or settings is None:
+        return "none"
+    more = (f" (+{worker.batches_in_flight - 1} more being saved)"
+            if worker.batches_in_flight > 1 else "")
+    return (f"{worker.batch_size} images, {settings.width}x{settings.height}, {settings.steps}"
+            f" steps, guidance {settings.guidance_scale:g}{more}")
+
+
+def file_size(path: Path) -> int:
+    """A SQLite database's size on disk: the file and its write-ahead log, when there is one."""
+    total = 0
+    for part in (path, path.with_name(path.name + "-wal")):
+        with contextlib.suppress(FileNotFoundError):
+            total += part.stat().st_size
+    return total
+
+
+def minute_bars(per_minute: tuple[int, ...]) -> list[Bar]:
+    count = len(per_minute)
+    return [Bar(images, f"{images} images {count - 1 - i} to {count - i} min ago")
+            for i, images in enumerate(per_minute)]
+
+
+def sparkline(per_minute: tuple[int, ...]) -> Markup:
+    return column_chart(minute_bars(per_minute), name=SPARKLINE, height=60,
+                        summary=f"Images made each minute over the last hour:"
+                                f" {sum(per_minute)} in all")
+
+
+@dataclass(frozen=True)
+class SystemFigures:
+    """Everything the page shows, as JSON (`data`) and as the words on the page (`text`)."""
+
+    data: dict[str, Any]
+    text: dict[str, str]
+    status: EngineStatus
+
+
+def system_figures(engine: Engine, config: Config, accounts: AccountService) -> SystemFigures:
+    status = engine.status()
+    workers = [{
+        "name": worker.name, "device": worker.device, "state": worker_state(worker),
+        "busy": worker.busy, "maxBatchSize": worker.max_batch_size,
+        "batchesInFlight": worker.batches_in_flight, "batchText": batch_text(worker),
+        "batch": None if worker.batch_settings is None else {
+            "size": worker.batch_size, "width": worker.batch_settings.width,
+            "height": worker.batch_settings.height, "steps": worker.batch_settings.steps,
+            "guidanceScale": worker.batch_settings.guidance_scale},
+    } for worker in status.workers]
+    memory: dict[str, dict[str, float]] = {}
+    for device, kind, value in status.gpu_memory:
+        memory.setdefault(device, {})[f"{kind}Bytes"] = value
+    gpus: list[dict[str, Any]] = [{"device": device, **kinds} for device, kinds in memory.items()]
+    gpu_text = "; ".join(f"{device}: {size_text(kinds['totalBytes'] - kinds['freeBytes'])} of"
+                         f" {size_text(kinds['totalBytes'])} used"
+                         for device, kinds in memory.items())
+    waiting = sorted(status.queue_by_account.items(), key=lambda item: (-item[1], item[0]))
+    by_account = [{"email": accounts.get(account_id).email, "images": images}
+                  for account_id, images in waiting]
+    data_dir = config.storage.data_dir
+    disk = shutil.disk_usage(_existing(data_dir))
+    database = config.storage.database
+    database_size = file_size(database)
+    minute, hour = status.images_last_minute, status.images_last_hour
+    model_state = ("could not be loaded: " + str(engine.load_error) if engine.load_error
+                   else "loading" if engine.loading else "loaded")
+    data = {
+        "version": package_version(),
+        "ready": status.ready,
+        "heartbeatAgeSeconds": round(status.heartbeat_age_seconds, 1),
+        "model": {"path": str(config.model.path), "dtype": config.model.dtype,
+                  "device": config.model.device, "state": model_state},
+        "workers": workers,
+        "gpu": {"cuda": bool(gpus), "devices": gpus},
+        "images": {"lastMinute": minute, "lastHour": hour,
+                   "perSecondLastMinute": round(minute / ImageRate.MINUTE, 3),
+                   "perSecondLastHour": round(hour / ImageRate.SECONDS, 3),
+                   "perMinute": list(status.images_per_minute)},
+        "queue": {"depth": status.queue_depth, "capacity": engine.queue.capacity,
+                  "byAccount": by_account},
+        "disk": {"path": str(data_dir), "freeBytes": disk.free, "totalBytes": disk.total},
+        "database": {"path": str(database), "sizeBytes": database_size},
+    }
+    text = {
+        "version": package_version(),
+        "ready": "ready" if status.ready else "not ready",
+        "model": f"{config.model.path} ({model_state})",
+        "model-dtype": config.model.dtype,
+        "model-device": config.model.device,
+        "gpu": gpu_text or "CPU only: no CUDA device in use",
+        "rate-minute": rate_text(minute, ImageRate.MINUTE),
+        "rate-hour": rate_text(hour, ImageRate.SECONDS),
+        "queue-depth": f"{status.queue_depth} of {engine.queue.capacity} places",
+        "disk": f"{size_text(disk.free)} free of {size_text(disk.total)}",
+        "database": size_text(database_size),
+        "heartbeat": f"{status.heartbeat_age_seconds:.1f} s ago",
+    }
+    return SystemFigures({**data, "text": text}, text, status)
+
+
+class SystemPages(Controller):
+    path = "/admin"
+    guards = [admins_only]
+    include_in_schema = False
+
+    @get("/system", name="console.admin.system", sync_to_thread=True)
+    def system(self, request: Request[Account, Any, Any], engine: EngineDependency,
+               config: Settings, accounts: Accounts) -> Template:
+        figures = system_figures(engine, config, accounts)
+        return page(request, "system.html", figures=figures.data, text=figures.text,
+                    sparkline=sparkline(figures.status.images_per_minute),
+                    refresh_seconds=REFRESH_SECONDS)
+
+    @get("/system.json", sync_to_thread=True)
+    def system_json(self, engine: EngineDependency, config: Settings,
+                    accounts: Accounts) -> dict[str, Any]:
+        return system_figures(engine, config, accounts).data
