@@ -7,11 +7,6 @@ tests/artifacts/console/ for a person to look at.
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
-from pathlib import Path
-
 import httpx
 import pytest
 
@@ -19,18 +14,10 @@ from appliance.accounts import accounts, audit
 from appliance.core.config import load_config
 from appliance.core.database import ConnectionPool
 
+from .browser_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, shoot, sync_playwright, wait_until
+from .console_helpers import PASSWORD
+
 pytestmark = pytest.mark.system
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).parent / "artifacts" / "console"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-PASSWORD = "correct horse battery"
-
-if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
-    pytest.skip("chromium is not installed (./install.sh --dev --test installs it)",
-                allow_module_level=True)
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
 
 @pytest.fixture
@@ -39,19 +26,6 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-def shoot(page, name: str) -> None:
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def wait_until(page, condition: str, seconds: float = 20) -> None:
-    """Polls from here: page.wait_for_function evaluates a string in the page, which the
-    console's policy (no 'unsafe-eval') refuses once it has to poll."""
-    deadline = time.monotonic() + seconds
-    while not page.evaluate(condition):
-        assert time.monotonic() < deadline, f"never true: {condition}"
-        time.sleep(0.05)
 
 
 def test_a_new_user_signs_in_makes_a_key_uses_it_and_revokes_it(fresh_server, browser):

@@ -14,14 +14,15 @@ from appliance.accounts import accounts, audit, keys
 from appliance.core.config import load_config
 from appliance.core.database import ConnectionPool
 
-from .test_console_browser import (
+from .browser_helpers import (
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
-    PASSWORD,
+    sign_in,
     sync_playwright,
     wait_until,
 )
+from .console_helpers import PASSWORD
 
 pytestmark = pytest.mark.system
 
@@ -87,11 +88,7 @@ def test_the_gallery_grid_large_view_and_filters_in_a_browser(fresh_server):
         page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
         page.on("console", lambda message: message.type == "error"
                 and problems.append(message.text))
-        page.goto("/login")
-        page.fill("input[name=email]", EMAIL)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button:has-text('Sign in')")
-        page.wait_for_url(f"{base}/console")
+        sign_in(page, base, EMAIL)
 
         for width, height in ((1280, 800), (390, 844)):
             page.set_viewport_size({"width": width, "height": height})

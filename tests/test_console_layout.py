@@ -9,6 +9,7 @@ must only ever open its form. Full-page screenshots go to tests/artifacts/consol
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,14 +21,22 @@ from appliance.core.config import load_config
 from appliance.core.database import ConnectionPool
 from appliance.core.errors import ApplianceError
 
-from .test_console_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, PASSWORD, sync_playwright
+from .browser_helpers import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    sign_in,
+    sync_playwright,
+    wait_until,
+)
+from .console_helpers import PASSWORD
 
 pytestmark = pytest.mark.system
 
 WIDTHS = {390: 844, 1280: 800}
 ADMIN, USER, LOCKED = "admin@example.com", "user@example.com", "locked-out@example.com"
-# Pages that other parts of the console may add; checked when they answer.
-OPTIONAL = {"system": "/console/admin/system"}
+# The README's pictures of the console, made here so that they show the console as it is.
+README_SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 FITS = "[document.documentElement.scrollWidth, window.innerWidth]"
 IMAGES_LOADED = "[...document.images].every(i => i.complete)"
 # What sticks out past the window's right edge, to say why a page is too wide.
@@ -77,23 +86,6 @@ def make_jobs(base: str, key: str, count: int) -> list[str]:
             assert time.monotonic() < deadline, job
             time.sleep(0.2)
     return job_ids
-
-
-def wait_until(page, condition: str, seconds: float = 20) -> None:
-    """Polls from here: page.wait_for_function evaluates a string in the page, which the
-    console's policy (no 'unsafe-eval') refuses once it has to poll."""
-    deadline = time.monotonic() + seconds
-    while not page.evaluate(condition):
-        assert time.monotonic() < deadline, f"never true: {condition}"
-        time.sleep(0.05)
-
-
-def sign_in(page, base: str, email: str) -> None:
-    page.goto("/login")
-    page.fill("input[name=email]", email)
-    page.fill("input[name=password]", PASSWORD)
-    page.click("button:has-text('Sign in')")
-    page.wait_for_url(f"{base}/console")
 
 
 class Widths:
@@ -150,6 +142,14 @@ def nav_links_reachable(page, shot: str = "") -> list[str]:
     return labels
 
 
+def readme_shot(page, name: str) -> None:
+    """The page as it stands, 1280 px wide, as the README shows it."""
+    README_SHOTS.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    wait_until(page, IMAGES_LOADED)
+    page.screenshot(path=str(README_SHOTS / f"{name}.png"), full_page=True)
+
+
 def test_every_console_page_fits_390_and_1280_pixels(fresh_server):
     base, config, _, _ = fresh_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -186,17 +186,20 @@ def test_every_console_page_fits_390_and_1280_pixels(fresh_server):
         assert page.locator(".keys-card .new-key + .table-wrap tr.just-made").count() == 1
         assert not form.is_visible()
         widths.check("api-keys-created")
+        # Not even a test server's key goes into the README's picture.
+        page.evaluate("document.querySelector('#new-key').value = 'wi_live_' + '\u2022'.repeat(56)")
+        readme_shot(page, "api-keys-new-key")
 
         job_ids = make_jobs(base, key, 3)
         for name, path in [("dashboard", "/console"), ("api-keys", "/console/api-keys"),
                            ("playground", "/console/playground"), ("gallery", "/console/jobs"),
                            ("job", f"/console/jobs/{job_ids[0]}"),
                            ("accounts", "/console/admin/accounts"),
-                           ("audit", "/console/admin/audit")]:
+                           ("audit", "/console/admin/audit"),
+                           ("system", "/console/admin/system")]:
             widths.visit(name, path)
-        for name, path in OPTIONAL.items():
-            if page.request.get(path, headers={"Accept": "text/html"}).status == 200:
-                widths.visit(name, path)
+            if name in ("dashboard", "gallery", "system"):
+                readme_shot(page, name)
         widths.visit("not-found", "/console/no-such-page", status=404)
 
         # With keys, the form is closed until Add Key opens it; a second click keeps it open.
@@ -224,6 +227,13 @@ def test_every_console_page_fits_390_and_1280_pixels(fresh_server):
         assert len({tuple(b[2:]) for b in buttons}) == 1, buttons
         for label in ("Make admin", "Disable"):
             assert len({b[1] for b in buttons if b[0] == label}) == 1, buttons
+        # New account, like Add Key, only ever opens its form.
+        new_account = page.locator("form#new-account")
+        assert not new_account.is_visible()
+        for _ in range(2):
+            page.click("a:has-text('New account')")
+            assert new_account.is_visible()
+            assert page.evaluate("document.activeElement.name") == "email"
         # Wide, the rows are a table again: each heading over its column.
         lefts = "s => [...document.querySelectorAll(s)].map(e => e.getBoundingClientRect().left)"
         headings = page.evaluate(lefts, "table.accounts th")

@@ -165,7 +165,14 @@ def test_the_rate_ring_forgets_after_an_hour_and_counts_by_minute():
 def test_the_system_page_and_dashboard_in_a_browser_at_phone_and_desktop_widths(fresh_server):
     # Imported here: that module skips itself where chromium is missing, which must not
     # skip this module's quick tests.
-    from .test_console_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, shoot, sync_playwright
+    from .browser_helpers import (
+        ARTIFACTS,
+        CHROMIUM,
+        CHROMIUM_ARGS,
+        shoot,
+        sign_in,
+        sync_playwright,
+    )
     from .test_console_dashboard import at_noon, made_job
 
     base, config_path, _, _ = fresh_server
@@ -203,11 +210,7 @@ def test_the_system_page_and_dashboard_in_a_browser_at_phone_and_desktop_widths(
         page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
         page.on("console", lambda message: message.type == "error" and problems.append(
             message.text))
-        page.goto("/login")
-        page.fill("input[name=email]", "ops@example.com")
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button:has-text('Sign in')")
-        page.wait_for_url(f"{base}/console")
+        sign_in(page, base, "ops@example.com")
 
         for width, height in ((1280, 800), (390, 844)):
             page.set_viewport_size({"width": width, "height": height})

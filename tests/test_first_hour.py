@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,8 +23,6 @@ from appliance.core.database import ConnectionPool
 from .console_helpers import PASSWORD, post_form, sign_in
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update"]
 
 # The commands that work on an installation's data, with arguments that would make an
 # empty database (or a backup of one) where they run if they ran on the defaults.
@@ -225,34 +222,30 @@ def test_serve_and_generate_start_without_notices_from_other_libraries(fresh_ser
 
 @pytest.mark.system
 def test_the_playground_says_where_credits_come_from_in_a_browser(fresh_server):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).exists():
-        pytest.skip("chromium is not installed (./install.sh --dev --test installs it)")
+    # Imported here: that module skips itself where chromium is missing, which must not
+    # skip this module's quick tests.
+    from .browser_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, sync_playwright
+    from .browser_helpers import sign_in as sign_in_page
+
     base, config, _process, _log = fresh_server
     database = ConnectionPool(config_module.load_config(config).storage.database)
     for email, is_admin in (("admin@example.com", True), ("user@example.com", False)):
         accounts.create_account(database.db(), email, PASSWORD, audit.Actor.cli(),
                                 is_admin=is_admin, credits=0)
     database.close()
-    artifacts = ROOT / "tests" / "artifacts" / "console"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             for email, width in (("admin@example.com", 1280), ("user@example.com", 390)):
                 page = browser.new_context(base_url=base,
                                            viewport={"width": width, "height": 800}).new_page()
-                page.goto("/login")
-                page.fill("input[name=email]", email)
-                page.fill("input[name=password]", PASSWORD)
-                page.click("button:has-text('Sign in')")
-                page.wait_for_url(f"{base}/console")
+                sign_in_page(page, base, email)
                 page.goto("/console/playground")
                 page.fill("textarea[name=prompts]", "A red bicycle")
                 page.click("button:has-text('Generate')")
                 alert = page.inner_text("[role=alert]")
-                page.screenshot(path=str(artifacts / f"playground-no-credits-{width}.png"),
+                page.screenshot(path=str(ARTIFACTS / f"playground-no-credits-{width}.png"),
                                 full_page=True)
                 assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
                 if email.startswith("admin"):

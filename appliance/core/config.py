@@ -168,7 +168,8 @@ _HEADER = (
     "AI Media Maker configuration.\n\n"
     "Every setting is shown with its default. Relative paths are resolved against the"
     " folder of this file. The service finds this file from --config, else"
-    " $APPLIANCE_CONFIG, else ./config.toml; without one it runs on these defaults."
+    " $APPLIANCE_CONFIG, else ./config.toml, else (run from a checkout) the checkout's"
+    " config.toml; without one it runs on these defaults."
 )
 
 

@@ -127,9 +127,6 @@ class JobService:
         """The account's jobs, newest first."""
         return store.list_jobs(self.database.db(), account_id, limit, offset)
 
-    def count(self, account_id: int) -> int:
-        return store.count_jobs(self.database.db(), account_id)
-
     def usage(self, account_id: int, today: date) -> Usage:
         """The account's images a day and credits per key over the last USAGE_DAYS days."""
         db = self.database.db()

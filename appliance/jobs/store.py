@@ -305,10 +305,6 @@ def _summaries(db: Database, rows: list[dict[str, Any]]) -> list[JobSummary]:
     ]
 
 
-def count_jobs(db: Database, account_id: int) -> int:
-    return db.execute("SELECT COUNT(*) FROM jobs WHERE account_id = ?", [account_id]).fetchone()[0]
-
-
 def _gallery_where(account_id: int, where: GalleryFilter) -> tuple[str, list[Any]]:
     """The WHERE clause shared by the gallery's page and its count."""
     # The unary + keeps SQLite off the index on status alone, which holds every

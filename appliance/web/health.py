@@ -38,7 +38,8 @@ def database_check(database: ConnectionPool) -> Check:
     return Check("database", database.write_probe.problem())
 
 
-def _existing(folder: Path) -> Path:
+def existing_folder(folder: Path) -> Path:
+    """`folder`, or its nearest parent that exists: where its disk can be measured."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return folder
@@ -48,7 +49,7 @@ def disk_check(config: Config) -> Check:
     """Enough room for new jobs and images on the disks of the data folder and the database."""
     least = config.health.min_free_disk_mb
     for folder in (config.storage.data_dir, config.storage.database.parent):
-        free = shutil.disk_usage(_existing(folder)).free
+        free = shutil.disk_usage(existing_folder(folder)).free
         if free < least * MIB:
             return Check("disk", f"the disk of {folder} is (nearly) full: {free // MIB} MiB"
                                  f" free, below health.min_free_disk_mb ({least})")

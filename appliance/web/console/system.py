@@ -27,7 +27,7 @@ from appliance.web.console.charts import Bar, column_chart
 from appliance.web.console.rendering import page
 from appliance.web.console.security import admins_only
 from appliance.web.dependencies import Accounts, EngineDependency, Settings
-from appliance.web.health import _existing
+from appliance.web.health import existing_folder
 
 # How often system.js asks for fresh figures; it reads this from the page.
 REFRESH_SECONDS = 5
@@ -117,7 +117,7 @@ def system_figures(engine: Engine, config: Config, accounts: AccountService) -> 
     by_account = [{"email": accounts.get(account_id).email, "images": images}
                   for account_id, images in waiting]
     data_dir = config.storage.data_dir
-    disk = shutil.disk_usage(_existing(data_dir))
+    disk = shutil.disk_usage(existing_folder(data_dir))
     database = config.storage.database
     database_size = file_size(database)
     minute, hour = status.images_last_minute, status.images_last_hour
