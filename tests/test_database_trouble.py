@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,11 @@ from PIL import Image
 import appliance.core.database as core_database
 from appliance.accounts import accounts, keys
 from appliance.cli.main import cli
+from appliance.core.clock import utc_clock, utc_iso
 from appliance.core.config import load_config
 from appliance.core.database import ConnectionPool, immediate, open_database
 from appliance.ops.doctor import PROBLEM, check_database
+from appliance.web.console.sessions import RENEW_STEP
 
 from .console_helpers import HTML, csrf, sign_in
 from .helpers import InstantGenerator, bearer
@@ -340,6 +343,28 @@ def test_writes_past_their_turn_get_503_and_keep_nothing_while_reads_go_on(make_
     assert all("text/html" in form.headers["content-type"] for form in form_answers)
     assert db_state(client.database, account) == before
     assert len(keys.list_keys(client.database.db(), account.id)) == 1
+
+
+def test_a_console_page_never_waits_for_the_lock_to_renew_its_sign_in(make_client,
+                                                                     make_config):
+    client, config, account, _, _ = with_a_finished_job(make_client, make_config, 3)
+    assert sign_in(client.http, account.email).status_code == 303
+    db = client.database.db()
+    # A sign-in whose expiry is due to be pushed back: its last push is two steps old.
+    idle = timedelta(minutes=config.console.idle_timeout_minutes)
+    due = utc_iso(utc_clock() + idle - 2 * RENEW_STEP)
+    with immediate(db):
+        db.execute("UPDATE console_sessions SET expires_at = ?", [due])
+
+    with write_lock(config.storage.database):
+        started = time.monotonic()
+        page = client.http.get("/console/api-keys", headers=HTML)
+        seconds = time.monotonic() - started
+    assert page.status_code == 200 and seconds < 1.0, seconds
+    assert db.execute("SELECT expires_at FROM console_sessions").fetchone()[0] == due
+    # The renewal missed under the lock is made by the next request.
+    assert client.http.get("/console/api-keys", headers=HTML).status_code == 200
+    assert db.execute("SELECT expires_at FROM console_sessions").fetchone()[0] > due
 
 
 def test_readyz_fails_once_writes_are_refused_longer_than_the_busy_timeout(make_client,

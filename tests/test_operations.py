@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from litestar.testing import TestClient
 
 from appliance.accounts import accounts, audit
+from appliance.accounts.signin import PAIR, SignInLimits
 from appliance.core.clock import utc_iso
 from appliance.core.config import LoggingConfig
 from appliance.jobs.models import GenerationSettings
@@ -130,6 +131,18 @@ def test_expired_console_sessions_are_deleted(config, database):
     assert Housekeeping(config, database, fixed_clock()).prune_console_sessions() == 2
     assert {row[0] for row in db.execute("SELECT key_hash FROM console_sessions")} == {
         "live", "no-expiry"}
+
+
+def test_failed_sign_in_counts_that_can_no_longer_matter_are_deleted(config, database):
+    db = database.db()
+    kept_for = SignInLimits.from_config(config.console).kept_for
+    rows = [("stale", NOW - kept_for - timedelta(seconds=1)), ("recent", NOW - kept_for)]
+    for email, when in rows:
+        db.execute("INSERT INTO signin_failures (kind, email, ip_address, failures,"
+                   " last_failed_at) VALUES (?, ?, '10.0.0.9', 6, ?)", [PAIR, email, utc_iso(when)])
+    db.conn.commit()
+    Housekeeping(config, database, fixed_clock()).prune_console_sessions()
+    assert [row[0] for row in db.execute("SELECT email FROM signin_failures")] == ["recent"]
 
 
 def test_sqlite_upkeep_folds_the_wal_back(config, database):

@@ -193,9 +193,15 @@ def _claim_attempt(db: Database, email: str, address: str, account_id: int | Non
                 " ON CONFLICT (kind, email, ip_address) DO UPDATE"
                 " SET failures = excluded.failures, last_failed_at = excluded.last_failed_at",
                 [*key, failures + 1, utc_iso(now)])
-        db.execute("DELETE FROM signin_failures WHERE last_failed_at < ?",
-                   [utc_iso(now - limits.kept_for)])
+        forget_stale(db, now, limits)
     return 0
+
+
+def forget_stale(db: Database, now: datetime, limits: SignInLimits) -> int:
+    """Deletes the counts that can no longer matter; how many. Sign-in attempts do it, and
+    housekeeping, so that counts from attempts that stopped do not stay for good."""
+    return db.execute("DELETE FROM signin_failures WHERE last_failed_at < ?",
+                      [utc_iso(now - limits.kept_for)]).rowcount
 
 
 def _signed_in_from(db: Database, account_id: int | None, address: str) -> bool:

@@ -54,6 +54,23 @@ def insert(db: Database, sql: str, params: Sequence[Any]) -> int:
     return row_id
 
 
+def unless_busy(db: Database, sql: str, params: list) -> bool:
+    """Runs one write only if the write lock is free now; False when another writer holds
+    it. For writes that may wait for a later request (renewing a sign-in's expiry) on a
+    path that must never wait for the lock."""
+    waits = db.execute("PRAGMA busy_timeout").fetchone()[0]
+    db.execute("PRAGMA busy_timeout = 0")
+    try:
+        db.execute(sql, params)
+    except sqlite3.OperationalError as exc:
+        if not is_busy(exc):
+            raise
+        return False
+    finally:
+        db.execute(f"PRAGMA busy_timeout = {int(waits)}")
+    return True
+
+
 @contextlib.contextmanager
 def immediate(db: Database) -> Iterator[Database]:
     """A write transaction that takes the write lock up front.

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from appliance.accounts import signin
+from appliance.accounts.signin import SignInLimits
 from appliance.core.clock import Clock, utc_clock, utc_iso
 from appliance.core.config import Config
 from appliance.core.database import ConnectionPool, immediate
@@ -109,15 +111,19 @@ class Housekeeping:
         return removed
 
     def prune_console_sessions(self) -> int:
-        """Deletes console sessions past their expiry (the session store refuses them already)."""
-        now = utc_iso(self.clock())
+        """Deletes console sessions past their expiry (the session store refuses them already),
+        and failed sign-in counts that can no longer matter."""
+        now = self.clock()
         db = self.database.db()
         with immediate(db):
             removed = db.execute(
                 "DELETE FROM console_sessions WHERE expires_at IS NOT NULL AND expires_at <= ?",
-                [now]).rowcount
-        log.info("deleted %d expired console sign-ins", removed,
-                 extra={"event": "housekeeping.console", "removed": removed})
+                [utc_iso(now)]).rowcount
+            forgotten = signin.forget_stale(db, now, SignInLimits.from_config(self.config.console))
+        log.info("deleted %d expired console sign-ins and %d stale failed sign-in counts",
+                 removed, forgotten,
+                 extra={"event": "housekeeping.console", "removed": removed,
+                        "forgotten": forgotten})
         return removed
 
     def sqlite_upkeep(self) -> tuple[int, int]:

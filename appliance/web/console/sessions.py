@@ -23,7 +23,7 @@ from litestar.types import Empty, Message, ScopeSession
 from sqlite_utils import Database
 
 from appliance.core.clock import parse_utc, utc_clock, utc_iso
-from appliance.core.database import ConnectionPool
+from appliance.core.database import ConnectionPool, unless_busy
 from appliance.core.digests import sha256_hex
 
 STORE_NAME = "console_sessions"
@@ -94,12 +94,15 @@ class DatabaseSessionStore(Store):
         now = utc_clock()
         if expires_at is not None:
             # ISO 8601 UTC text in one format: comparing text is comparing times.
+            # Neither write waits for the lock, so that a page is never held up by
+            # another writer: an expired row left behind is swept by housekeeping, and
+            # a renewal missed now is made by the next request (within the minute).
             if expires_at <= utc_iso(now):
-                db.execute("DELETE FROM console_sessions WHERE key_hash = ?", [key_hash])
+                unless_busy(db, "DELETE FROM console_sessions WHERE key_hash = ?", [key_hash])
                 return None
             if renew_for and utc_iso(now + renew_for - RENEW_STEP) > expires_at:
-                db.execute("UPDATE console_sessions SET expires_at = ? WHERE key_hash = ?",
-                           [utc_iso(now + renew_for), key_hash])
+                unless_busy(db, "UPDATE console_sessions SET expires_at = ? WHERE key_hash = ?",
+                            [utc_iso(now + renew_for), key_hash])
         return bytes(value)
 
     def _delete(self, key: str) -> None:
