@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -113,6 +114,9 @@ _MAX_PORT = 65535
 _SHOWN = 100  # characters of a refused header quoted back
 
 
+# Clients send the same few Host headers all day: each is parsed once. Bounded, so
+# made-up hosts cannot grow it; a refused header raises and is not kept.
+@functools.lru_cache(maxsize=1024)
 def parse_host(header: str) -> Host:
     """The host in a Host header, or BadHost saying what is wrong with it.
 
