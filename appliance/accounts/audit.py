@@ -11,8 +11,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from appliance.core.clock import utc_now
-from appliance.core.errors import BadRequest
+from appliance.core.clock import day_range, utc_now
 
 
 @dataclass(frozen=True)
@@ -85,15 +84,6 @@ class AuditEntry:
         return {name: getattr(self, name) for name in EXPORT_FIELDS}
 
 
-def _day(text: str, name: str) -> date | None:
-    if not text:
-        return None
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise BadRequest(f"'{name}' must be a date such as 2025-01-31, not {text!r}") from None
-
-
 def query(db: Database, where: AuditFilter, limit: int | None = None) -> list[AuditEntry]:
     """Newest first. Dates are whole UTC days; an account matches by part of its email."""
     clauses: list[str] = []
@@ -104,9 +94,7 @@ def query(db: Database, where: AuditFilter, limit: int | None = None) -> list[Au
     if where.action.strip():
         clauses.append("l.action = ?")
         params.append(where.action.strip())
-    since, until = _day(where.since, "from"), _day(where.until, "to")
-    if since and until and since > until:
-        raise BadRequest("the 'from' date is after the 'to' date")
+    since, until = day_range(where.since, where.until)
     # created_at is ISO 8601 text, so comparing it as text is comparing times.
     if since:
         clauses.append("l.created_at >= ?")

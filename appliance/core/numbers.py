@@ -17,7 +17,8 @@ _WHOLE = re.compile(r"-?[0-9]+")
 _SHOWN = 40  # characters of a refused text worth echoing back
 
 
-def _shown(text: str) -> str:
+def shown(text: str) -> str:
+    """`text` quoted to be echoed back in a refusal, cut if long."""
     return repr(text) if len(text) <= _SHOWN else repr(text[:_SHOWN]) + "…"
 
 
@@ -25,7 +26,7 @@ def whole_number(text: str, low: int, high: int) -> int:
     """The number `text` writes in the digits 0-9 (a '-' before a negative one), from `low`
     to `high`; ValueError with a sentence naming the text otherwise."""
     if not _WHOLE.fullmatch(text):
-        raise ValueError(f"{_shown(text)} is not a whole number")
+        raise ValueError(f"{shown(text)} is not a whole number")
     # Thousands of digits would make int() slow (and past 4300 it refuses them):
     # a number with more digits than both bounds is out of range anyway.
     digits = text.removeprefix("-").lstrip("0") or "0"
@@ -33,7 +34,7 @@ def whole_number(text: str, low: int, high: int) -> int:
         value = -int(digits) if text.startswith("-") else int(digits)
         if low <= value <= high:
             return value
-    raise ValueError(f"{_shown(text)} is out of range: it must be from {low} to {high}")
+    raise ValueError(f"{shown(text)} is out of range: it must be from {low} to {high}")
 
 
 def row_id(text: str) -> int | None:

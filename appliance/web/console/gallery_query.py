@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from dataclasses import dataclass
-from datetime import date
 from urllib.parse import urlencode
 
+from appliance.core.clock import day_range
 from appliance.core.errors import BadRequest
-from appliance.core.numbers import LARGEST_INTEGER, row_id, whole_number
+from appliance.core.numbers import LARGEST_INTEGER, row_id, shown, whole_number
 from appliance.jobs.models import GalleryFilter
 
 IMAGES_PER_PAGE = 48
@@ -18,9 +17,6 @@ PENDING_JOBS_SHOWN = 5
 # The last page whose first image's place SQLite can still count to.
 LAST_PAGE = LARGEST_INTEGER // IMAGES_PER_PAGE
 
-# Only YYYY-MM-DD: date.fromisoformat also takes "20250131" and "2025-W05-1".
-_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-_SHOWN = 40  # characters of a refused text worth echoing back
 
 
 @dataclass(frozen=True)
@@ -34,9 +30,7 @@ class GalleryQuery:
 
     def to_filter(self) -> GalleryFilter:
         """The filter these fields ask for; BadRequest naming the field that is wrong."""
-        since, until = _day(self.since, "from"), _day(self.until, "to")
-        if since and until and since > until:
-            raise BadRequest("the 'from' date is after the 'to' date")
+        since, until = day_range(self.since, self.until)
         return GalleryFilter(job_id=_job_id(self.job), key_id=_key_id(self.key),
                              since=since, until=until)
 
@@ -57,17 +51,6 @@ def page_number(text: str) -> int:
         raise BadRequest(f"There is no such page of images: {problem}") from None
 
 
-def _day(text: str, name: str) -> date | None:
-    if not text:
-        return None
-    try:
-        if _DAY.fullmatch(text):
-            return date.fromisoformat(text)
-    except ValueError:
-        pass
-    raise BadRequest(f"'{name}' must be a date such as 2025-01-31, not {_shown(text)}")
-
-
 def _job_id(text: str) -> str | None:
     if not text:
         return None
@@ -77,7 +60,7 @@ def _job_id(text: str) -> str | None:
             return text
     except ValueError:
         pass
-    raise BadRequest(f"'job' must be a job id, as its page shows it, not {_shown(text)}")
+    raise BadRequest(f"'job' must be a job id, as its page shows it, not {shown(text)}")
 
 
 def _key_id(text: str) -> int | None:
@@ -85,9 +68,5 @@ def _key_id(text: str) -> int | None:
         return None
     number = row_id(text)
     if number is None:
-        raise BadRequest(f"'key' must be one of your keys, not {_shown(text)}")
+        raise BadRequest(f"'key' must be one of your keys, not {shown(text)}")
     return number
-
-
-def _shown(text: str) -> str:
-    return repr(text) if len(text) <= _SHOWN else repr(text[:_SHOWN]) + "…"
