@@ -345,6 +345,20 @@ def test_writes_past_their_turn_get_503_and_keep_nothing_while_reads_go_on(make_
     assert len(keys.list_keys(client.database.db(), account.id)) == 1
 
 
+def test_a_console_form_refused_by_the_lock_gets_the_503_page(make_client, make_config):
+    client, config, account, _, _ = with_a_finished_job(make_client, make_config, 0.3)
+    assert sign_in(client.http, account.email).status_code == 303
+    token = csrf(client.http)
+    with write_lock(config.storage.database):
+        # Its turn is free at once: the handler's own write meets the lock.
+        refused = client.http.post("/console/api-keys", headers=HTML,
+                                   data={"name": "late", "_csrf_token": token})
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    assert "text/html" in refused.headers["content-type"]
+    assert "The database is busy with another writer" in refused.text
+    assert len(keys.list_keys(client.database.db(), account.id)) == 1
+
+
 def test_a_console_page_never_waits_for_the_lock_to_renew_its_sign_in(make_client,
                                                                      make_config):
     client, config, account, _, _ = with_a_finished_job(make_client, make_config, 3)
