@@ -7,6 +7,7 @@ files four times smaller than the flood, and watches it keep answering.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -15,6 +16,7 @@ import statistics
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -70,10 +72,14 @@ def test_the_soft_limit_of_open_files_is_raised_to_the_hard_one():
 
 @dataclass(eq=False)
 class FakeConnection:
-    """What the guard calls on a connection: its address, and drop()."""
+    """What the guard calls on a connection: its address, has_unread_data() and drop()."""
 
     peer: str
     dropped: list[str] = field(default_factory=list)
+    unread: bool = False
+
+    def has_unread_data(self) -> bool:
+        return self.unread
 
     def drop(self) -> None:
         self.dropped.append(self.peer)
@@ -85,17 +91,21 @@ def test_at_the_cap_the_longest_waiting_connection_makes_room_and_busy_ones_neve
     for connection in [first, *others]:
         assert guard.admit(connection.peer)
         guard.waiting(connection)
-    # A waiting connection that turned busy is skipped; the next longest-waiting goes.
+    # A waiting connection that turned busy is skipped, and so is one whose request has
+    # arrived unread; the next longest-waiting goes.
     guard.stop_waiting(first)
+    others[0].unread = True
     assert guard.admit("10.0.1.1")
-    assert first.dropped == [] and others[0].dropped == ["10.0.0.1"]
+    assert first.dropped == others[0].dropped == [] and others[1].dropped == ["10.0.0.2"]
     # It counts until its socket is gone.
     assert guard.open == 17
-    guard.gone(others[0])
-    for connection in others[1:]:
+    guard.gone(others[1])
+    for connection in others[2:]:
         guard.stop_waiting(connection)
-    assert not guard.admit("10.0.1.2")  # every connection is busy: turned away
+    assert not guard.admit("10.0.1.2")  # every connection is busy or has its request in
     assert guard.open == 16
+    others[0].unread = False  # read, and still no request (a slowloris): it may go
+    assert guard.admit("10.0.1.3") and others[0].dropped == ["10.0.0.1"]
 
 
 BIG_ANSWER = 16 * 1024 * 1024
@@ -121,18 +131,28 @@ async def big_answer(scope, receive, send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def test_a_client_that_stops_reading_its_answer_is_cut_off_and_one_that_reads_is_not(caplog):
-    limits = ConnectionLimits(max_connections=16, backlog=16, header_timeout=5.0,
-                              body_timeout=5.0, send_timeout=0.3, keep_alive=5)
+@contextlib.contextmanager
+def guarded_server(app, limits: ConnectionLimits) -> Iterator[tuple[ConnectionGuard, int]]:
+    """uvicorn serving `app` on a thread under a guard with `limits`: (guard, port)."""
     guard = ConnectionGuard(limits)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(big_answer, port=port, http=protocol_class(guard),
+    server = uvicorn.Server(uvicorn.Config(app, port=port, http=protocol_class(guard),
                                            lifespan="off", log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         while not server.started:
             time.sleep(0.01)
+        yield guard, port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off_and_one_that_reads_is_not(caplog):
+    limits = ConnectionLimits(max_connections=16, backlog=16, header_timeout=5.0,
+                              body_timeout=5.0, send_timeout=0.3, keep_alive=5)
+    with guarded_server(big_answer, limits) as (guard, port):
         request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         # One that reads it all gets it all, however the answer's pieces wait on it.
         with socket.create_connection(("127.0.0.1", port)) as reader:
@@ -157,9 +177,50 @@ def test_a_client_that_stops_reading_its_answer_is_cut_off_and_one_that_reads_is
         assert guard.open == 0 and limits.send_timeout <= took < 2.0, took
         assert any("read nothing of its answer for 0.3 s" in record.getMessage()
                    for record in caplog.records)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+
+
+async def short_answer(scope, receive, send) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def on_server_loop(protocol, action) -> None:
+    """Runs `action` on the server's loop thread and waits until it has run."""
+    done = threading.Event()
+    protocol.loop.call_soon_threadsafe(lambda: (action(), done.set()))
+    assert done.wait(5)
+
+
+def test_a_connection_whose_request_waits_unread_is_not_the_one_displaced():
+    # A client is accepted a few loop turns before its first bytes are read, and in a
+    # flood the next batch of accepts may come between: at the cap, the connection to
+    # close must be one with nothing to read. Reading is paused on the first
+    # connection here to hold it in that state.
+    limits = ConnectionLimits(max_connections=2, backlog=2, header_timeout=5.0,
+                              body_timeout=5.0, send_timeout=5.0, keep_alive=5)
+    with guarded_server(short_answer, limits) as (guard, port), \
+            socket.create_connection(("127.0.0.1", port)) as arriving:
+        assert wait_for(lambda: guard.open == 1, 5)
+        [protocol] = list(guard._waiting)
+        on_server_loop(protocol, protocol.transport.pause_reading)
+        arriving.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert wait_for(protocol.has_unread_data, 5)
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            assert wait_for(lambda: guard.open == 2, 5)
+            with socket.create_connection(("127.0.0.1", port)):
+                # The idle one goes, though it came later.
+                idle.settimeout(5)
+                assert idle.recv(1024) == b""
+                on_server_loop(protocol, protocol.transport.resume_reading)
+                arriving.settimeout(5)
+                answer = b""
+                while not answer.endswith(b"\r\n\r\nok"):
+                    piece = arriving.recv(1024)
+                    assert piece, f"closed after {answer!r}"
+                    answer += piece
+                assert answer.startswith(b"HTTP/1.1 200")
 
 
 def _record(name: str, level: int, msg: object, *args: object,

@@ -8,9 +8,12 @@ once took every file descriptor the process had, and /healthz stopped answering.
 
 - a cap (`ConnectionGuard`): at `max_connections` open, a new connection closes
   the one that has waited longest for a request (idle between requests, or
-  still sending its headers). A flood of idle connections thus displaces only
-  itself, while a client that sends its request at once is served; only when
-  every open connection is busy with a request is a new one turned away. The
+  still sending its headers), passing over any whose request has arrived but
+  not yet been read (a new client is accepted a few loop turns before its
+  first bytes are, and a flood's next batch of accepts may come between).
+  A flood of idle connections thus displaces only itself, while a client that
+  sends its request at once is served; only when every open connection is busy
+  with a request is a new one turned away. The
   cap is sized below the process's limit of open files, so it is reached first.
 - deadlines: a request's headers must be in within `header_timeout` of the
   connection's opening (or of the first byte of a later request on it), its
@@ -24,11 +27,14 @@ once took every file descriptor the process had, and /healthz stopped answering.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import enum
+import fcntl
 import logging
 import resource
 import ssl
+import termios
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -124,12 +130,12 @@ class ConnectionGuard:
         """Counts a new connection in, displacing the longest-waiting one at the cap;
         False (turned away) when every open connection is busy with a request."""
         if self.open >= self.limits.max_connections:
-            if not self._waiting:
+            oldest = self._idlest()
+            if oldest is None:
                 log.warning("turned a connection from %s away: all %d connections"
                             " (server.max_connections) are busy with requests", peer, self.open,
                             extra={"event": "connection.refused"})
                 return False
-            oldest, _ = self._waiting.popitem(last=False)
             log.warning("at the limit of %d open connections (server.max_connections): closed"
                         " the one from %s that waited longest for a request", self.open,
                         oldest.peer, extra={"event": "connection.displaced"})
@@ -137,6 +143,15 @@ class ConnectionGuard:
         # A displaced connection counts until its socket is closed, on the next loop turn.
         self.open += 1
         return True
+
+    def _idlest(self) -> BoundedH11Protocol | None:
+        """Takes out of the waiting ones the one that has waited longest with nothing
+        unread; None when there is none."""
+        for connection in self._waiting:
+            if not connection.has_unread_data():
+                del self._waiting[connection]
+                return connection
+        return None
 
     def waiting(self, connection: BoundedH11Protocol) -> None:
         self._waiting[connection] = None
@@ -218,6 +233,20 @@ class BoundedH11Protocol(H11Protocol):
         if self._counted:
             self._counted = False
             self.guard.gone(self)
+
+    def has_unread_data(self) -> bool:
+        """Whether the client's bytes wait in the socket, not yet read by the loop."""
+        if self._socket is None:
+            return False
+        descriptor = self._socket.get_extra_info("socket").fileno()
+        if descriptor < 0:
+            return False  # closed
+        unread = array.array("i", [0])
+        try:
+            fcntl.ioctl(descriptor, termios.FIONREAD, unread)
+        except OSError:
+            return False
+        return unread[0] > 0
 
     def drop(self) -> None:
         """Closes the connection at once: it was displaced or ran out of time."""
