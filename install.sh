@@ -412,7 +412,8 @@ install_model() {
         return
     fi
     say "downloading $model into $model_path (several GB)"
-    "$WRAPPER" models pull "$model" "$model_path" ||
+    # model.path is a folder in model.dir: pulled under its name, it is the default model.
+    "$WRAPPER" models pull "$model" "$(basename "$model_path")" ||
         die "the download of $model failed (see above); re-run with --model-dir DIR to copy a model downloaded elsewhere, or with --no-model"
 }
 

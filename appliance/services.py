@@ -18,7 +18,7 @@ from appliance.core.config import Config
 from appliance.core.database import ConnectionPool
 from appliance.engine.engine import Engine
 from appliance.engine.worker import ImageGenerator
-from appliance.jobs.models import GenerationSettings
+from appliance.jobs.catalog import Catalog
 from appliance.jobs.service import JobService
 from appliance.ops.housekeeping import Housekeeping
 from appliance.ops.scheduler import Scheduler
@@ -33,6 +33,7 @@ class Services:
     audit: AuditService
     signin: SignInService
     jobs: JobService
+    catalog: Catalog
     engine: Engine
     scheduler: Scheduler
     # Set when the server begins to shut down: open event streams then close,
@@ -41,13 +42,13 @@ class Services:
 
     @classmethod
     def build(cls, config: Config,
-              load_generator: Callable[[], ImageGenerator] | None = None) -> Services:
-        """`load_generator` replaces the diffusers pipeline (tests inject failures)."""
+              load_generator: Callable[[], ImageGenerator] | None = None,
+              load_model: Callable[[str], ImageGenerator] | None = None) -> Services:
+        """`load_generator` replaces the diffusers pipeline for every model, `load_model`
+        per model (tests inject failures)."""
         database = ConnectionPool(config.storage.database, config.storage.busy_timeout_seconds)
-        engine = Engine(config, database, load_generator)
-        generation = config.generation
-        defaults = GenerationSettings(generation.width, generation.height, generation.steps,
-                                      generation.guidance_scale)
+        catalog = Catalog(config)
+        engine = Engine(config, database, load_generator, catalog, load_model)
         return cls(
             config=config,
             database=database,
@@ -55,7 +56,8 @@ class Services:
             keys=KeyService(database),
             audit=AuditService(database),
             signin=SignInService(database, SignInLimits.from_config(config.console)),
-            jobs=JobService(database, engine.queue, config.limits, config.images_dir, defaults),
+            jobs=JobService(database, engine.queue, config.limits, config.images_dir),
+            catalog=catalog,
             engine=engine,
             scheduler=Scheduler(Housekeeping(config, database)),
         )

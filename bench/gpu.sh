@@ -54,6 +54,13 @@ main() {
     bench "$python" "$model" "$results" "$table" sd15-512-1step "$compile" "$peak" \
         --steps 1 --guidance 0 --batch-size 32 --vae-decode-chunk 16 --png-threads 12 \
         --images 2048 --baseline-images 48 --clients 8 --job-size 64 || failed=1
+    # Several models: the load (swap) of an SD 1.5-sized model on the GPU, and two
+    # such models alternating against one, swapping under a budget for one.
+    echo "=== models-sd15"
+    "$python" -m appliance bench-models --size sd15 --device cuda --width 512 --steps 25 \
+        --batch-size 16 --images 192 --job-size 16 --swap-seconds 5 --loads 3 --rounds 1 \
+        --json "$results/models-sd15.json" 2> "$results/models-sd15.log" \
+        | tee "$results/models-sd15.txt" || failed=1
     cp "$table" "$results/BENCHMARKS.md"
     return "$failed"
 }

@@ -118,7 +118,10 @@ def test_pure_modules_import_no_torch():
             "appliance.services", "appliance.core.config", "appliance.jobs.service",
             # Every command starts fast; the benchmark's baseline server measures the
             # framework, not an import of torch.
-            "appliance.cli.main", "appliance.bench.bare"]
+            "appliance.cli.main", "appliance.bench.bare",
+            # Loads and unloads models, and lists them, without touching one.
+            "appliance.engine.loaded_models", "appliance.engine.adapters",
+            "appliance.jobs.catalog", "appliance.engine.synth"]
     script = (f"import sys\nfor name in {pure!r}:\n    __import__(name)\n"
               "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -127,7 +127,7 @@ def test_config_is_taken_before_the_command_or_on_it(config_file, tmp_path):
          " (choose from 'create', 'list', 'delete') (see appliance keys --help)"),
         (("frobnicate",), "", 2, "invalid choice: 'frobnicate'"),
         (("models", "synth", "somewhere", "--size", "huge"), "", 2,
-         "argument --size: 'huge' is not one of 'tiny', 'sd15' (see"),
+         "argument --size: 'huge' is not one of 'tiny', 'sd15', 'tiny-sdxl' (see"),
         (("serve", "--port", "eighty"), "", 2, "argument --port: 'eighty' is not a whole number"),
     ],
 )

@@ -9,6 +9,7 @@ import json
 import re
 import time
 
+import pytest
 from litestar.testing import TestClient
 
 from appliance.accounts import accounts, audit, keys
@@ -18,7 +19,19 @@ from appliance.web.app import create_app
 from appliance.web.console.security import SECURITY_HEADERS
 from appliance.web.console.sessions import COOKIE_NAME
 
-from .console_helpers import HTML, PASSWORD, post_form, session_id, set_session_cookie, sign_in
+from .console_helpers import (
+    ADAPTER,
+    HTML,
+    PASSWORD,
+    SECOND_MODEL,
+    SECOND_PRICE,
+    TIMES,
+    post_form,
+    session_id,
+    set_session_cookie,
+    sign_in,
+    two_models,
+)
 from .helpers import InstantGenerator, bearer
 
 API = "/api/playground/images"
@@ -263,6 +276,107 @@ def test_the_playground_charges_like_the_api_and_refuses_bad_input_for_free(inst
     assert job_id[:8] in dashboard and "image job" in dashboard
     page = http.get(f"/console/jobs/{job_id}").text
     assert page.count(f'src="/console/jobs/{job_id}/images/') == 2
+
+
+def between(text: str, start: str, end: str) -> str:
+    """The part of a page from `start` to the next `end`."""
+    begin = text.index(start)
+    return text[begin:text.index(end, begin)]
+
+
+@pytest.fixture
+def two_model_playground(make_client, make_config, tiny_model, tmp_path):
+    """Signed in, with 10 credits, to a console serving two models and an adapter."""
+    config = two_models(make_config, tiny_model, tmp_path)
+    client = make_client(load_generator=InstantGenerator, app_config=config)
+    account = client.account("dev@example.com", credits=10)
+    sign_in(client.http, "dev@example.com")
+    return client, account
+
+
+def test_the_playground_offers_each_model_at_its_price_and_charges_it(two_model_playground):
+    client, account = two_model_playground
+    http, db = client.http, client.database.db()
+
+    page = http.get("/console/playground").text
+    picker = between(page, '<select name="model"', "</select>")
+    assert re.findall(r'<option value="([^"]+)"', picker) == [SECOND_MODEL, "tiny"]
+    assert f"{SECOND_MODEL} — 64{TIMES}64, {SECOND_PRICE} credits/image</option>" in picker
+    # The default model is chosen, and the sentence under the form tells its figures.
+    assert (f'<option value="tiny" data-size="64{TIMES}64" data-steps="2" data-price="1 credit"'
+            f" selected>tiny — 64{TIMES}64, 1 credit/image<") in picker
+    assert 'Each costs <span data-field="price">1 credit</span>' in page
+    assert '<script src="/console/static/playground.js" defer></script>' in page
+    assert http.get("/console/static/playground.js").status_code == 200
+    assert "<script>" not in page and "style=" not in page
+
+    unknown = post_form(http, "/console/playground", prompts="a cat\na dog", model="nope")
+    assert unknown.status_code == 400
+    assert "&#39;model&#39; is &#39;nope&#39;, which is not installed here" in unknown.text
+    assert "a cat\na dog</textarea>" in unknown.text
+    assert client.balance(account) == 10
+    # Refused for another reason, the form keeps the model asked for.
+    too_many = post_form(http, "/console/playground", model=SECOND_MODEL,
+                         prompts="\n".join(["a cat"] * 4))
+    assert too_many.status_code == 402 and client.balance(account) == 10
+    assert f'data-price="{SECOND_PRICE} credits" selected>' in too_many.text
+    assert f'data-field="price">{SECOND_PRICE} credits</span>' in too_many.text
+
+    submitted = post_form(http, "/console/playground", prompts="a cat\na dog",
+                          model=SECOND_MODEL)
+    assert submitted.status_code == 303, submitted.text
+    job_id = submitted.headers["location"].rsplit("/", 1)[1]
+    assert wait_for_console_job(http, job_id)["status"] == "completed"
+    assert client.balance(account) == 10 - 2 * SECOND_PRICE
+    settings = json.loads(db.execute("SELECT settings FROM jobs WHERE id = ?",
+                                     [job_id]).fetchone()[0])
+    assert (settings["model"], settings["loras"]) == (SECOND_MODEL, [])
+    assert f'<dt>Model</dt><dd data-field="model">{SECOND_MODEL}</dd>' in http.get(
+        f"/console/jobs/{job_id}").text
+    # A form from before the picker (prompts alone) still makes the default model's images.
+    plain = post_form(http, "/console/playground", prompts="a fox")
+    assert plain.status_code == 303 and client.balance(account) == 10 - 2 * SECOND_PRICE - 1
+
+
+def test_the_playground_applies_an_adapter_only_to_the_models_it_fits(two_model_playground):
+    client, account = two_model_playground
+    http, db = client.http, client.database.db()
+
+    page = http.get("/console/playground").text
+    adapters = between(page, '<select name="lora"', "</select>")
+    assert re.findall(r'<option value="([^"]*)"', adapters) == ["", ADAPTER]
+    assert '<option value="">none</option>' in adapters
+    assert f"{ADAPTER} (for {SECOND_MODEL})</option>" in adapters
+    assert 'name="lora_scale" value="1.0"' in page and 'min="-4.0" max="4.0"' in page
+
+    refusals = [
+        ({"model": "tiny", "lora": ADAPTER},
+         f"&#39;lora&#39; is &#39;{ADAPTER}&#39;, which fits {SECOND_MODEL}, not the model"
+         " &#39;tiny&#39;"),
+        ({"model": SECOND_MODEL, "lora": "oils"},
+         "&#39;lora&#39; is &#39;oils&#39;, which is not installed here"),
+        ({"model": SECOND_MODEL, "lora": ADAPTER, "lora_scale": "9"},
+         "&#39;lora_scale&#39; is 9.0; it must be from -4.0 to 4.0"),
+        ({"model": SECOND_MODEL, "lora": ADAPTER, "lora_scale": "much"},
+         "&#39;lora_scale&#39; is &#39;much&#39;; it must be a number"),
+    ]
+    for fields, said in refusals:
+        refused = post_form(http, "/console/playground", prompts="a boat", **fields)
+        assert refused.status_code == 400 and said in refused.text, (fields, refused.text)
+        assert 'class="alert error"' in refused.text and "a boat</textarea>" in refused.text
+    assert client.balance(account) == 10
+
+    submitted = post_form(http, "/console/playground", prompts="a boat", model=SECOND_MODEL,
+                          lora=ADAPTER, lora_scale="0.5")
+    assert submitted.status_code == 303, submitted.text
+    job_id = submitted.headers["location"].rsplit("/", 1)[1]
+    assert wait_for_console_job(http, job_id)["status"] == "completed"
+    assert client.balance(account) == 10 - SECOND_PRICE
+    settings = json.loads(db.execute("SELECT settings FROM jobs WHERE id = ?",
+                                     [job_id]).fetchone()[0])
+    assert settings["loras"] == [[ADAPTER, 0.5]]
+    job_page = http.get(f"/console/jobs/{job_id}").text
+    assert f'<dt>LoRA</dt><dd data-field="loras">{ADAPTER} {TIMES} 0.5</dd>' in job_page
 
 
 def test_console_key_management_is_audited_with_the_browser_address(instant_client):

@@ -8,7 +8,7 @@ from appliance.accounts import audit, keys
 from appliance.jobs import store
 from appliance.web.console.gallery_query import IMAGES_PER_PAGE
 
-from .console_helpers import HTML, sign_in
+from .console_helpers import HTML, TIMES, sign_in
 from .helpers import TEST_GENERATION, bearer
 
 API = "/api/playground/images"
@@ -171,6 +171,28 @@ def test_bad_filter_values_get_the_styled_400_page(instant_client):
     # A script asking gets the same refusal as JSON.
     refused = client.http.get(GALLERY, params={"from": "yesterday"})
     assert refused.status_code == 400 and "must be a date" in refused.json()["error"]
+
+
+def test_the_large_view_names_the_model_and_adapters_that_made_the_image(instant_client):
+    client = instant_client
+    http, db = client.http, client.database.db()
+    me = client.account("me@example.com")
+    styled = store.GenerationSettings(**TEST_GENERATION, model="second",
+                                      loras=(("ink", 0.75), ("watercolor", 1.0)))
+    new = made(db, me.id, ["a styled fox"], "2025-03-01T10:00:00.000Z", settings=styled)
+    # Stored before there were several models: no model is named, so none is shown.
+    old = made(db, me.id, ["an old fox"], "2025-01-01T10:00:00.000Z")
+    sign_in(http, "me@example.com")
+    page = http.get(GALLERY).text
+    facts = page.split("data-lightbox-facts hidden>")[1:]
+    assert len(facts) == 2 and "a styled fox" in facts[0] and "an old fox" in facts[1]
+    assert '<dt>Model</dt><dd data-field="model">second</dd>' in facts[0]
+    assert (f'<dt>LoRA</dt><dd data-field="loras">ink {TIMES} 0.75, watercolor {TIMES} 1.0</dd>'
+            in facts[0])
+    assert "<dt>Model</dt>" not in facts[1] and "<dt>LoRA</dt>" not in facts[1]
+    job_page = http.get(f"/console/jobs/{new}").text
+    assert job_page.count('<dd data-field="model">second</dd>') == 2  # the job and its image
+    assert "<dt>Model</dt>" not in http.get(f"/console/jobs/{old}").text
 
 
 def test_prompts_are_shown_as_text_never_as_markup(instant_client):

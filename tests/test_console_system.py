@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import time
 from datetime import timedelta
 
@@ -15,7 +18,15 @@ from appliance.core.database import ConnectionPool
 from appliance.core.version import package_version
 from appliance.engine.metrics import ImageRate
 
-from .console_helpers import HTML, PASSWORD, sign_in
+from .console_helpers import (
+    HTML,
+    PASSWORD,
+    SECOND_MODEL,
+    SECOND_PRICE,
+    post_form,
+    sign_in,
+    two_models,
+)
 from .helpers import InstantGenerator, bearer
 from .live_server import GatedGenerator
 
@@ -23,9 +34,9 @@ URL = "/api/playground/images"
 SYSTEM = "/console/admin/system"
 
 
-def signed_in_admin(client, email: str = "root@example.com"):
+def signed_in_admin(client, email: str = "root@example.com", credits: int = 0):
     accounts.create_account(client.database.db(), email, PASSWORD, audit.Actor.cli(),
-                            is_admin=True)
+                            is_admin=True, credits=credits)
     assert sign_in(client.http, email).status_code == 303
 
 
@@ -39,7 +50,7 @@ def test_an_admin_sees_workers_queue_model_disk_database_and_version(instant_cli
     workers = text[text.index('data-table="workers"'):text.index("</tbody>",
                                                                 text.index('data-table="workers"'))]
     assert "engine-worker" in workers and ">cpu<" in workers and ">idle<" in workers
-    assert f'<td class="num">{config.engine.batch_size}</td>' in workers
+    assert f'<td class="num" data-label="Batch size">{config.engine.batch_size}</td>' in workers
     assert f"{config.model.path} (loaded)" in text
     assert f'data-field="model-dtype">{config.model.dtype}<' in text
     assert "CPU only: no CUDA device in use" in text
@@ -74,13 +85,16 @@ def test_the_json_has_every_figure_of_the_page(instant_client):
     client = instant_client
     signed_in_admin(client)
     figures = client.http.get(f"{SYSTEM}.json").json()
-    assert set(figures) == {"version", "ready", "heartbeatAgeSeconds", "model", "workers", "gpu",
-                            "images", "queue", "disk", "database", "text"}
+    assert set(figures) == {"version", "ready", "heartbeatAgeSeconds", "model", "workers",
+                            "models", "gpu", "images", "queue", "disk", "database", "text"}
     assert figures["ready"] is True and figures["version"] == package_version()
     assert set(figures["model"]) == {"path", "dtype", "device", "state"}
     (worker,) = figures["workers"]
     assert (worker["device"], worker["state"], worker["busy"], worker["batch"]) == (
         "cpu", "idle", False, None)
+    (model,) = figures["models"]
+    assert (model["name"], model["default"], model["loadedOn"]) == ("tiny", True, [worker["name"]])
+    assert worker["models"] == [{"name": "tiny", "bytes": 0}]  # a stand-in has no weights
     assert figures["gpu"] == {"cuda": False, "devices": []}
     assert figures["images"]["perMinute"] == [0] * 60
     capacity = client.services.config.engine.queue_capacity
@@ -93,6 +107,63 @@ def test_the_json_has_every_figure_of_the_page(instant_client):
     assert set(figures["text"]) == {"version", "ready", "model", "model-dtype", "model-device",
                                     "gpu", "rate-minute", "rate-hour", "queue-depth", "disk",
                                     "database", "heartbeat"}
+
+
+def test_each_workers_models_and_every_installed_model_with_its_price(make_client, make_config,
+                                                                      tiny_model, tmp_path):
+    config = two_models(make_config, tiny_model, tmp_path, engine={"gpu_memory_budget": "2GiB"})
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    client = make_client(load_generator=InstantGenerator, app_config=config)
+    signed_in_admin(client, credits=SECOND_PRICE)
+    figures = client.http.get(f"{SYSTEM}.json").json()
+    (worker,) = figures["workers"]
+    # At its start a worker loads the default model alone.
+    assert worker["models"] == [{"name": "tiny", "bytes": 0}]
+    assert (worker["modelBudgetBytes"], worker["budgetText"]) == (2**31, "2.0 GiB")
+    assert worker["modelsText"] == "tiny (0 B)"
+
+    # Images of the second model: the worker loads it too, and keeps both.
+    assert post_form(client.http, "/console/playground", prompts="a cat",
+                     model=SECOND_MODEL).status_code == 303
+    deadline = time.monotonic() + 30
+    while len((figures := client.http.get(f"{SYSTEM}.json").json())["workers"][0]["models"]) < 2:
+        assert time.monotonic() < deadline, figures["workers"]
+        time.sleep(0.02)
+    (worker,) = figures["workers"]
+    assert worker["modelsText"] == f"tiny (0 B), {SECOND_MODEL} (0 B)"
+    by_name = {model["name"]: model for model in figures["models"]}
+    assert list(by_name) == ["broken", SECOND_MODEL, "tiny"]
+    assert by_name["tiny"] == {"name": "tiny", "default": True,
+                               "pipeline": "StableDiffusionPipeline", "creditsPerImage": 1,
+                               "loadedOn": ["engine-worker"], "problem": None,
+                               "loadedText": "engine-worker"}
+    assert (by_name[SECOND_MODEL]["default"], by_name[SECOND_MODEL]["creditsPerImage"],
+            by_name[SECOND_MODEL]["loadedOn"]) == (False, SECOND_PRICE, ["engine-worker"])
+    assert by_name["broken"]["problem"].startswith("its model_index.json cannot be read")
+    assert by_name["broken"]["loadedText"] == "not loaded"
+
+    page = client.http.get(SYSTEM, headers=HTML).text
+    workers = page[page.index('data-table="workers"'):page.index("</tbody>",
+                                                                page.index('data-table="workers"'))]
+    assert f'<td data-label="Models held">tiny (0 B), {SECOND_MODEL} (0 B)</td>' in workers
+    assert '<td class="num" data-label="Model budget">2.0 GiB</td>' in workers
+    table = page[page.index('data-table="models"'):page.index("</tbody>",
+                                                             page.index('data-table="models"'))]
+    rows = table.split("<tr>")[1:]
+    assert [re.search(r'<td class="mono title">([^< ]+)', row)[1] for row in rows] == [
+        "broken", SECOND_MODEL, "tiny"]
+    assert '<span class="badge">default</span>' in rows[2]
+    assert "default" not in rows[0] + rows[1]
+    assert f'data-label="Credits/image">{SECOND_PRICE}</td>' in rows[1]
+    assert 'data-label="Loaded on">engine-worker</td>' in rows[1]
+    assert ('<td class="state-down" data-label="Problem">its model_index.json cannot be read'
+            in rows[0])
+    assert 'data-label="Loaded on">not loaded</td>' in rows[0]
+    # A model that cannot be served is not offered in the playground.
+    playground = client.http.get("/console/playground").text
+    assert 'value="broken"' not in playground and f'value="{SECOND_MODEL}"' in playground
 
 
 def test_queue_depth_by_account_and_the_busy_workers_batch(make_client, make_config):
@@ -162,7 +233,8 @@ def test_the_rate_ring_forgets_after_an_hour_and_counts_by_minute():
 
 
 @pytest.mark.system
-def test_the_system_page_and_dashboard_in_a_browser_at_phone_and_desktop_widths(fresh_server):
+def test_the_system_page_dashboard_and_playground_in_a_browser_at_phone_and_desktop_widths(
+        fresh_server):
     # Imported here: that module skips itself where chromium is missing, which must not
     # skip this module's quick tests.
     from .browser_helpers import (
@@ -200,6 +272,18 @@ def test_the_system_page_and_dashboard_in_a_browser_at_phone_and_desktop_widths(
                     timeout=30).json()["status"] != "completed":
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    # A second model and an adapter, installed now that the demo model is made, while the
+    # service runs (it looks again every few seconds). The copy's index names an SDXL
+    # pipeline, so that its default size differs; it is never loaded here.
+    folder = config_path.parent
+    xl = shutil.copytree(folder / "models" / "demo", folder / "models" / "demo-xl")
+    index = json.loads((xl / "model_index.json").read_text())
+    (xl / "model_index.json").write_text(json.dumps({**index,
+                                                     "_class_name": "StableDiffusionXLPipeline"}))
+    adapter = folder / "loras" / "watercolor"
+    adapter.mkdir(parents=True)
+    (adapter / "lora.json").write_text(json.dumps({"base_models": ["demo"]}))
+    (adapter / "watercolor.safetensors").write_bytes(b"\0" * 16)
     httpx.post(f"{base}{URL}", headers=bearer(busy_key), timeout=30,
                json={"prompts": [f"a city {n}" for n in range(40)]})
 
@@ -226,7 +310,29 @@ def test_the_system_page_and_dashboard_in_a_browser_at_phone_and_desktop_widths(
             # system.js has fetched the figures again and put them in the page.
             page.wait_for_selector("[data-live]:has-text('updated')", timeout=15_000)
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            models = page.inner_text("[data-table=models]")
+            assert "demo-xl" in models and "default" in models and "engine-worker" in models
             shoot(page, f"system-{width}")
+
+            page.goto("/console/playground")
+            picker = page.locator("select[name=model]")
+            assert picker.input_value() == "demo"
+            assert page.locator("select[name=model] option").all_inner_texts() == [
+                "demo — 64\u00d764, 1 credit/image", "demo-xl — 1024\u00d71024, 1 credit/image"]
+            facts = page.locator("[data-model-facts]")
+            assert "Images are 64\u00d764, 2 steps. Each costs 1 credit;" in facts.inner_text()
+            page.select_option("select[name=lora]", "watercolor")
+            picker.select_option("demo-xl")
+            # playground.js tells the chosen model's figures, and takes off the adapter that
+            # does not fit it.
+            assert "Images are 1024\u00d71024, 2 steps." in facts.inner_text()
+            assert page.locator("select[name=lora]").input_value() == ""
+            assert page.locator("select[name=lora] option[value=watercolor]").is_disabled()
+            picker.select_option("demo")
+            assert "Images are 64\u00d764" in facts.inner_text()
+            page.select_option("select[name=lora]", "watercolor")
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            shoot(page, f"playground-models-{width}")
         page.set_viewport_size({"width": 1280, "height": 800})
         page.goto("/console")
         page.click("[data-testid=images-per-day] summary")

@@ -402,7 +402,8 @@ def test_readyz_fails_once_writes_are_refused_longer_than_the_busy_timeout(make_
     assert database.startswith(f"{config.storage.database} has refused writes for")
     assert "write lock" in database and database in refused.json()["error"]
     assert client.http.get("/readyz").json() == {"status": "ready", "checks": {
-        "database": "ok", "disk": "ok", "model": "ok", "worker": "ok"}}
+        "database": "ok", "disk": "ok", "model": "ok", "worker": "ok"},
+        "models_loaded": {"engine-worker": ["tiny"]}}
 
 
 def test_readyz_fails_below_the_free_disk_space_and_recovers(make_client, make_config,

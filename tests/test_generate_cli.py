@@ -77,6 +77,12 @@ def test_refusals_are_one_line_and_charge_nothing(live, tmp_path):
         (poor_key, [], "Insufficient credits: the account cannot pay for 2 images (402)"),
         (rich_key, ["--steps", "500"], "the server refused 2 images: 'steps' is 500; it must be"
                                        " from 1 to 100 (400)"),
+        (rich_key, ["--model", "nope"], "the server refused 2 images: 'model' is 'nope', which"
+                                        " is not installed here; installed: tiny (see GET"
+                                        " /api/models) (400)"),
+        (rich_key, ["--lora", "brand:0.5"], "the server refused 2 images: 'loras[0].name' is"
+                                            " 'brand', which is not installed here; installed:"
+                                            " none (400)"),
     ]
     for key, args, message in cases:
         code, out, err = run(key, "a", "b", "--out", str(tmp_path / "out"), "--url", live.url,
@@ -106,6 +112,8 @@ def test_missing_key_and_unreachable_server_are_one_line(tmp_path):
         (("a", "--guidance-scale", "high"),
          "argument --guidance-scale: 'high' is not a valid float"),
         ((), "the following arguments are required: PROMPT"),
+        (("a", "--lora", "brand:strong"),
+         "argument --lora: 'brand:strong': the scale after ':' must be a number"),
     ],
 )
 def test_bad_arguments_are_one_line(args, message):

@@ -88,7 +88,8 @@ def test_prompts_alone_behave_as_before_and_the_job_echoes_the_defaults(client):
     assert job["status"] == "completed"
     # The defaults come from the test config (helpers.TEST_GENERATION: 64x64, 2 steps).
     assert job["parameters"] == {"negativePrompt": None, "width": 64, "height": 64, "steps": 2,
-                                 "guidanceScale": 7.5, "seed": None}
+                                 "guidanceScale": 7.5, "seed": None, "model": "tiny",
+                                 "loras": [], "creditsPerImage": 1}
     assert job["queuePosition"] is None and job["cancelledImages"] == 0
     assert 0 <= job["images"][0]["seed"] <= MAX_SEED
 
@@ -100,7 +101,8 @@ def test_parameters_are_used_echoed_and_seeds_count_up_from_the_base(client):
     job = client.wait_for_job(key, response.json()["jobId"])
     assert job["status"] == "completed"
     assert job["parameters"] == {"negativePrompt": "blurry", "width": 80, "height": 64,
-                                 "steps": 1, "guidanceScale": 3.0, "seed": MAX_SEED - 1}
+                                 "steps": 1, "guidanceScale": 3.0, "seed": MAX_SEED - 1,
+                                 "model": "tiny", "loras": [], "creditsPerImage": 1}
     # seed + i, wrapping past 2**32 - 1 to 0.
     assert [image["seed"] for image in job["images"]] == [MAX_SEED - 1, MAX_SEED, 0]
     for image in job["images"]:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -23,13 +24,22 @@ from appliance.core.clock import utc_iso
 from appliance.core.config import LoggingConfig
 from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import image_relpath, mark_completed, mark_running, submit
-from appliance.ops.doctor import OK, PROBLEM, WARNING, check_database, check_permissions
+from appliance.ops.doctor import (
+    OK,
+    PROBLEM,
+    WARNING,
+    check_database,
+    check_models,
+    check_models_load,
+    check_permissions,
+)
 from appliance.ops.housekeeping import Housekeeping
 from appliance.ops.initialise import make_secret_file
 from appliance.runtime.logs import _SECRET_PATTERNS, configure_logging, redact
 from appliance.services import Services
 from appliance.web.app import create_app
 
+from .cli_helpers import invoke
 from .helpers import TEST_GENERATION, bearer
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -224,7 +234,8 @@ def test_readyz_and_metrics_on_a_running_app(client):
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready",
                             "checks": {"database": "ok", "disk": "ok", "model": "ok",
-                                       "worker": "ok"}}
+                                       "worker": "ok"},
+                            "models_loaded": {"engine-worker": ["tiny"]}}
     # The counters belong to the process, which other tests share: compare before and after.
     before = client.http.get("/metrics").text
 
@@ -246,6 +257,11 @@ def test_readyz_and_metrics_on_a_running_app(client):
         before, "appliance_generation_seconds_count ")
     assert 0 <= metric(text, "appliance_worker_heartbeat_age_seconds ") < 60
     assert "# TYPE appliance_gpu_memory_bytes gauge" in text
+    # The tiny model's weights, held by the one worker, within its budget.
+    held = metric(text, 'appliance_model_loaded_bytes{device="cpu",model="tiny",'
+                        'worker="engine-worker"} ')
+    assert 0 < held < metric(text, 'appliance_model_budget_bytes{device="cpu",'
+                                   'worker="engine-worker"} ')
     # Requests are counted by route template: two ids, one series.
     assert metric(text, NOT_FOUND_BY_TEMPLATE) - metric(before, NOT_FOUND_BY_TEMPLATE) == 2
     assert job_id not in text and key not in text and "00000000-0000" not in text
@@ -380,3 +396,73 @@ def test_doctor_warns_when_other_users_can_read_the_data(config, database):
     assert level == WARNING
     assert text.startswith(f"{secret} is open to the group {grp.getgrgid(others[0]).gr_name}"
                            " (mode 0640)")
+
+
+@pytest.fixture
+def installed_models(tmp_path, tiny_model, make_config):
+    """model.dir with two copies of the tiny model and one whose unet folder is missing."""
+    model_dir = tmp_path / "installed"
+    for name in ("alpha", "beta", "broken"):
+        shutil.copytree(tiny_model, model_dir / name)
+    shutil.rmtree(model_dir / "broken" / "unet")
+    return make_config(model={"dir": str(model_dir), "path": str(model_dir / "alpha"),
+                              "lora_dir": str(tmp_path / "loras")})
+
+
+def test_doctor_checks_every_installed_model_by_name(installed_models):
+    model_dir = installed_models.model.dir
+    findings = [(f.level, f.text) for f in check_models(installed_models)]
+
+    tiny = "holds a StableDiffusionPipeline of only"
+    assert [level for level, _ in findings] == [WARNING, WARNING, PROBLEM]
+    assert findings[0][1].startswith(f"model 'alpha': {model_dir / 'alpha'} {tiny}")
+    assert findings[1][1].startswith(f"model 'beta': {model_dir / 'beta'} {tiny}")
+    assert findings[2][1] == (f"model 'broken': {model_dir / 'broken'} lacks the folders unet"
+                              " that its model_index.json lists: the download is incomplete;"
+                              " pull it again")
+
+
+def test_doctor_names_a_missing_default_model_and_adapters_for_missing_models(
+        tmp_path, installed_models, make_config):
+    lora = tmp_path / "loras" / "ink"
+    lora.mkdir(parents=True)
+    (lora / "ink.safetensors").write_bytes(b"weights")
+    (lora / "lora.json").write_text(json.dumps({"base_models": ["beta", "gamma", "delta"]}))
+    config = make_config(model={"dir": str(installed_models.model.dir),
+                                "path": str(installed_models.model.path),
+                                "lora_dir": str(tmp_path / "loras"), "default": "omega"})
+
+    findings = [(f.level, f.area, f.text) for f in check_models(config)]
+
+    assert findings[0] == (PROBLEM, "model", "model.default is 'omega', which is not installed"
+                           " (installed: alpha, beta, broken): requests that name no model are"
+                           " refused")
+    assert findings[-1] == (WARNING, "lora", f"the LoRA adapter 'ink' ({lora}) fits gamma, delta,"
+                            " which are not installed")
+
+
+def test_doctor_loads_each_model_when_asked(installed_models):
+    shutil.rmtree(installed_models.model.dir / "beta")  # one good model is enough, and faster
+    findings = [(f.level, f.text) for f in check_models_load(installed_models)]
+
+    assert [level for level, _ in findings] == [OK, PROBLEM]
+    assert re.fullmatch(r"model 'alpha' loads: a StableDiffusionPipeline, on the CPU in"
+                        r" \d+\.\d s", findings[0][1])
+    assert findings[1][1].startswith("model 'broken' does not load: Could not load the model in"
+                                     f" {installed_models.model.dir / 'broken'}")
+
+
+def test_doctor_runs_the_load_check_only_with_its_option(tmp_path, installed_models):
+    shutil.rmtree(installed_models.model.dir / "beta")
+    config_path = tmp_path / "doctor.toml"
+    config_path.write_text(f'[model]\ndir = "{installed_models.model.dir}"\n'
+                           f'path = "{installed_models.model.path}"\ndevice = "cpu"\n'
+                           f'[storage]\ndata_dir = "{tmp_path / "state"}"\n')
+
+    quick = invoke(config_path, "doctor")
+    deep = invoke(config_path, "doctor", "--load-models")
+
+    assert "model 'broken':" in quick.output and "loads" not in quick.output
+    loads = [line for line in deep.output.splitlines() if line.split()[1:2] == ["load"]]
+    assert [line.split()[0] for line in loads] == [OK, PROBLEM]
+    assert quick.exit_code == deep.exit_code == 1

@@ -1,13 +1,25 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from appliance.engine import synth
-from appliance.engine.synth import architecture_configs, synthesize
+from appliance.engine.pipeline import load_pipeline, render
+from appliance.engine.synth import (
+    LORA_TARGET_MODULES,
+    LORA_WEIGHTS_FILE,
+    architecture_configs,
+    synthesize,
+    synthesize_lora,
+)
+from appliance.jobs.catalog import LORA_DECLARATION
 
 PIPELINE_FILES = [
     "model_index.json",
@@ -175,3 +187,138 @@ def test_sd15_text_encoder_covers_the_generated_tokenizer():
     vocab = synth.build_vocab(synth.learn_merges(synth.MERGE_SOURCE_WORDS))
     assert len(vocab) <= text_config["vocab_size"]
     assert text_config["eos_token_id"] == vocab["<|endoftext|>"]
+
+
+def test_importing_synth_loads_no_torch():
+    # The command line reads ALLOWED_SIZES when it starts; torch takes seconds to import.
+    script = ("import sys, appliance.engine.synth\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('torch', 'diffusers', 'transformers', 'peft')))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+# Tiny SDXL
+
+SDXL_FILES = [
+    *PIPELINE_FILES,
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "tokenizer_2/vocab.json",
+    "tokenizer_2/merges.txt",
+    "tokenizer_2/tokenizer_config.json",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthesize(tmp_path_factory.mktemp("synth-sdxl") / "tiny-sdxl", "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_pipe(tiny_sdxl: Path):
+    return load_pipeline(tiny_sdxl, "cpu", torch.float32)
+
+
+def _render_64(pipe) -> torch.Tensor:
+    return render(pipe, ["a red fox in the snow"], [7], width=64, height=64, steps=2,
+                  guidance=5.0, negative_prompt=None, vae_chunk=1)
+
+
+def test_tiny_sdxl_is_a_complete_sdxl_folder(tiny_sdxl: Path):
+    for relative in SDXL_FILES:
+        assert (tiny_sdxl / relative).is_file(), relative
+    index = json.loads((tiny_sdxl / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    total = sum(len(content) for content in _file_bytes(tiny_sdxl).values())
+    assert total < 5 * 1024 * 1024
+    modes = {path.stat().st_mode & 0o777 for path in tiny_sdxl.rglob("*") if path.is_file()}
+    assert len(modes) == 1
+
+
+def test_tiny_sdxl_unet_is_conditioned_on_both_encoders(tiny_sdxl: Path):
+    unet = json.loads((tiny_sdxl / "unet/config.json").read_text())
+    first = json.loads((tiny_sdxl / "text_encoder/config.json").read_text())
+    second = json.loads((tiny_sdxl / "text_encoder_2/config.json").read_text())
+    assert second["architectures"] == ["CLIPTextModelWithProjection"]
+    assert unet["addition_embed_type"] == "text_time"
+    assert unet["cross_attention_dim"] == first["hidden_size"] + second["hidden_size"]
+    # Six time ids, each embedded, beside the second encoder's pooled projection.
+    assert unet["projection_class_embeddings_input_dim"] == (
+        6 * unet["addition_time_embed_dim"] + second["projection_dim"])
+    assert unet["sample_size"] * 8 == 64
+
+
+def test_tiny_sdxl_same_seed_gives_byte_identical_files(tiny_sdxl: Path, tmp_path: Path):
+    again = synthesize(tmp_path / "again", "tiny-sdxl", seed=0)
+    assert _file_bytes(again) == _file_bytes(tiny_sdxl)
+    other = synthesize(tmp_path / "other", "tiny-sdxl", seed=1)
+    weights = "text_encoder_2/model.safetensors"
+    assert (other / weights).read_bytes() != (tiny_sdxl / weights).read_bytes()
+
+
+def test_tiny_sdxl_loads_as_an_sdxl_pipeline_and_renders_64px(tiny_sdxl_pipe):
+    assert isinstance(tiny_sdxl_pipe, StableDiffusionXLPipeline)
+    pixels = _render_64(tiny_sdxl_pipe)
+    assert pixels.shape == (1, 64, 64, 3) and pixels.dtype == torch.uint8
+    # Random weights give noise, not a blank image.
+    assert pixels.float().std() > 5
+    assert torch.equal(_render_64(tiny_sdxl_pipe), pixels)
+
+
+# LoRA adapters
+
+
+@pytest.fixture(scope="module")
+def tiny_lora(tiny_model: Path) -> Path:
+    return synthesize_lora(tiny_model.parent / "loras" / "ink", tiny_model, ["tiny"], seed=1)
+
+
+def test_lora_folder_names_its_base_models(tiny_lora: Path):
+    assert sorted(path.name for path in tiny_lora.iterdir()) == [LORA_DECLARATION,
+                                                                 LORA_WEIGHTS_FILE]
+    assert json.loads((tiny_lora / LORA_DECLARATION).read_text()) == {"base_models": ["tiny"]}
+    modes = {path.stat().st_mode & 0o777 for path in tiny_lora.iterdir()}
+    assert len(modes) == 1
+
+
+def test_lora_covers_the_unet_attention_projections_with_nonzero_weights(tiny_lora: Path):
+    weights = load_file(tiny_lora / LORA_WEIGHTS_FILE)
+    assert all(name.startswith("unet.") for name in weights)
+    for target in LORA_TARGET_MODULES:
+        assert any(f".{target}.lora" in name for name in weights), target
+    # PEFT starts its up-projections at zero: such an adapter would change nothing.
+    assert all(tensor.abs().max() > 0.1 for tensor in weights.values())
+
+
+def test_lora_rank_is_the_one_asked_for(tiny_model: Path, tmp_path: Path):
+    lora = synthesize_lora(tmp_path / "rank8", tiny_model, ["tiny"], rank=8)
+    shapes = {tuple(tensor.shape) for tensor in load_file(lora / LORA_WEIGHTS_FILE).values()}
+    assert all(8 in shape for shape in shapes)
+
+
+def test_lora_same_seed_gives_identical_weights(tiny_lora: Path, tiny_model: Path,
+                                                tmp_path: Path):
+    again = synthesize_lora(tmp_path / "again", tiny_model, ["tiny"], seed=1)
+    other = synthesize_lora(tmp_path / "other", tiny_model, ["tiny"], seed=2)
+    weights = (tiny_lora / LORA_WEIGHTS_FILE).read_bytes()
+    assert (again / LORA_WEIGHTS_FILE).read_bytes() == weights
+    assert (other / LORA_WEIGHTS_FILE).read_bytes() != weights
+
+
+def test_lora_for_sdxl_matches_its_wider_cross_attention(tiny_sdxl: Path, tmp_path: Path):
+    lora = synthesize_lora(tmp_path / "xl", tiny_sdxl, ["tiny-sdxl"])
+    weights = load_file(lora / LORA_WEIGHTS_FILE)
+    cross_attention = [tensor for name, tensor in weights.items()
+                       if ".attn2.to_k.lora" in name and tensor.shape[0] == 4]
+    assert cross_attention and all(tensor.shape == (4, 64) for tensor in cross_attention)
+
+
+def test_lora_refuses_a_non_empty_target(tiny_model: Path, tmp_path: Path):
+    target = tmp_path / "lora"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        synthesize_lora(target, tiny_model, ["tiny"])
+    assert [path.name for path in target.iterdir()] == ["keep.txt"]

@@ -49,6 +49,8 @@ class KeyUseWriter:
         """True once every use noted so far is written; False on timeout (the database
         still refuses the write: the uses stay noted and are tried again)."""
         with self._changed:
+            # A writer pausing after a refused write tries again now, not after its pause.
+            self._changed.notify_all()
             return self._changed.wait_for(lambda: not self._writing, timeout)
 
     def _write_all(self) -> None:

@@ -161,3 +161,47 @@ def bench_api(config: Config, seconds: int, connections: int, posts: int,
         click.echo(line)
     if json_file:
         json_file.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@click.command("bench-models")
+@click.option("--size", type=click.Choice(["tiny", "sd15"]), default="tiny",
+              help="the two models' architecture, random weights (default: tiny)")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+@click.option("--width", type=WHOLE_NUMBER, default=256, metavar="PX",
+              help="image width and height (default: 256)")
+@click.option("--steps", type=WHOLE_NUMBER, default=8, help="denoising steps (default: 8)")
+@click.option("--batch-size", type=WHOLE_NUMBER, default=8, help="engine.batch_size (default: 8)")
+@click.option("--images", type=WHOLE_NUMBER, default=96, metavar="N",
+              help="images in each run (default: 96)")
+@click.option("--job-size", type=WHOLE_NUMBER, default=8, metavar="N",
+              help="prompts per job (default: 8)")
+@click.option("--swap-seconds", type=float, default=2.0, metavar="SECONDS",
+              help="engine.model_swap_seconds in the run that swaps (default: 2)")
+@click.option("--loads", type=WHOLE_NUMBER, default=3, metavar="N",
+              help="times each model's load is timed (default: 3)")
+@click.option("--rounds", type=WHOLE_NUMBER, default=3, metavar="N",
+              help="times each run is made, in rotating order; the median counts (default: 3)")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="where the JSON goes (default: bench/results/DATE-models-SIZE.json)")
+def bench_models(size: str, device: str, width: int, steps: int, batch_size: int, images: int,
+                 job_size: int, swap_seconds: float, loads: int, rounds: int,
+                 json_file: Path | None) -> None:
+    """time a model swap, and the engine's throughput with two models against one; see
+    BENCHMARKS.md"""
+    from appliance.bench.models import report_lines, run_models_benchmark
+
+    if min(width, steps, batch_size, images, job_size, loads, rounds) < 1:
+        raise CommandError("--width, --steps, --batch-size, --images, --job-size, --loads and"
+                           " --rounds must be at least 1")
+    try:
+        result = run_models_benchmark(size, device, width, steps, batch_size, images, job_size,
+                                      swap_seconds, loads, rounds)
+    except RuntimeError as exc:
+        raise CommandError(f"the benchmark failed: {exc}") from None
+    for line in report_lines(result):
+        click.echo(line)
+    path = json_file or Path("bench/results") / (
+        datetime.now().strftime("%Y%m%d-%H%M%S") + f"-models-{size}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(f"results: {path}")

@@ -13,12 +13,33 @@ from appliance.core.config import Config
 from appliance.jobs.models import MAX_SEED
 
 
+class LoraOption(click.ParamType):
+    """--lora NAME[:SCALE] -> {"name": NAME, "scale": SCALE}; the server checks both."""
+
+    name = "lora"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        name, colon, scale = value.rpartition(":")
+        if not colon:
+            return {"name": value}
+        try:
+            return {"name": name, "scale": float(scale)}
+        except ValueError:
+            self.fail(f"{value!r}: the scale after ':' must be a number", param, ctx)
+
+
 @click.command("generate")
 @click.argument("prompts", metavar="PROMPT", nargs=-1, required=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("."), metavar="DIR",
               help="folder for the PNGs (default: the current one)")
 @click.option("--url", help="the server (default: $AI_MEDIA_MAKER_URL, else the one"
                             " config.toml describes, http://127.0.0.1:8000)")
+@click.option("--model", metavar="NAME", help="an installed model (default: the server's default)")
+@click.option("--lora", "loras", multiple=True, type=LoraOption(), metavar="NAME[:SCALE]",
+              help="apply a LoRA adapter, at SCALE (default 1); repeatable")
 @click.option("--negative-prompt", metavar="TEXT", help="what the images should not show")
 @click.option("--width", type=WHOLE_NUMBER, help="pixels, a multiple of 8")
 @click.option("--height", type=WHOLE_NUMBER, help="pixels, a multiple of 8")
@@ -29,7 +50,8 @@ from appliance.jobs.models import MAX_SEED
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @pass_config
 def generate(config: Config, prompts: tuple[str, ...], out: Path, url: str | None,
-             negative_prompt: str | None, width: int | None, height: int | None,
+             model: str | None, loras: tuple[dict[str, Any], ...], negative_prompt: str | None,
+             width: int | None, height: int | None,
              steps: int | None, guidance_scale: float | None, seed: int | None,
              quiet: bool) -> None:
     """generate images through a running server's API and save the PNGs (the key comes from
@@ -43,7 +65,9 @@ def generate(config: Config, prompts: tuple[str, ...], out: Path, url: str | Non
     # httpx logs every request at INFO; here that would bury the progress bar.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     body: dict[str, Any] = {"prompts": list(prompts)}
-    for name, value in (("negativePrompt", negative_prompt), ("width", width),
+    if loras:
+        body["loras"] = list(loras)
+    for name, value in (("model", model), ("negativePrompt", negative_prompt), ("width", width),
                         ("height", height), ("steps", steps),
                         ("guidanceScale", guidance_scale), ("seed", seed)):
         if value is not None:
@@ -68,3 +92,4 @@ def generate(config: Config, prompts: tuple[str, ...], out: Path, url: str | Non
         problems += [f"{outcome.pending} still pending"] if outcome.pending else []
         raise CommandError(f"{len(outcome.saved)} of {len(prompts)} images saved"
                            f" (job {outcome.job_id}); {'; '.join(problems)}")
+

@@ -18,7 +18,7 @@ def cli() -> None:
 
 for command in (serving.init, serving.serve, accounts.group, credits.group, keys.group,
                 models.group, generate.generate, operations.backup, operations.restore,
-                operations.doctor, bench.bench, bench.bench_api):
+                operations.doctor, bench.bench, bench.bench_api, bench.bench_models):
     cli.add_command(command)
 
 

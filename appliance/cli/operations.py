@@ -60,15 +60,18 @@ def restore(config: Config, path: Path) -> None:
 
 
 @click.command("doctor")
+@click.option("--load-models", is_flag=True,
+              help="also load every installed model on the CPU, one at a time (slow; needs the"
+                   " largest model's size in free memory)")
 @pass_config_file
-def doctor(config: Config) -> None:
-    """check the GPU, driver, model, database and config, and say what is wrong
+def doctor(config: Config, load_models: bool) -> None:
+    """check the GPU, driver, models, database and config, and say what is wrong
 
     The exit status is 1 when a problem is found.
     """
     from appliance.ops.doctor import PROBLEM, diagnose
 
-    findings = diagnose(config)
+    findings = diagnose(config, load_models=load_models)
     for finding in findings:
         click.echo(f"{finding.level:<8} {finding.area:<9} {finding.text}")
     problems = sum(finding.level == PROBLEM for finding in findings)

@@ -152,6 +152,33 @@ def _one_of(*allowed: str) -> Check:
 
 _IMAGE_SIDE = MultipleBetween(step=8, low=64, high=2048)
 
+_MEMORY_AMOUNT = re.compile(r"([0-9]+(?:\.[0-9]+)?) *(%|[KMGT]i?B|B)", re.IGNORECASE)
+_MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def memory_budget_bytes(text: str, device_total: int) -> int:
+    """engine.gpu_memory_budget in bytes, for a device of `device_total` bytes."""
+    match = _MEMORY_AMOUNT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a share (\"90%\") or an amount (\"20GiB\")")
+    number, unit = float(match[1]), match[2].lower()
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise ValueError(f"{text!r}: a share must be above 0% and at most 100%")
+        return int(device_total * number / 100)
+    if number <= 0:
+        raise ValueError(f"{text!r}: an amount must be above 0")
+    return int(number * _MEMORY_UNITS[unit])
+
+
+def _memory_amount(value: Any) -> str | None:
+    try:
+        memory_budget_bytes(value, 1)
+    except ValueError as problem:
+        return f"must be a share such as \"90%\" or an amount such as \"20GiB\": {problem}"
+    return None
+
 
 def _not_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
@@ -255,11 +282,26 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    dir: Path = setting(
+        Path("models"),
+        "Folder of installed models: each folder in it that holds a diffusers pipeline"
+        " (model_index.json inside) is a model, named by its folder, which a request may ask"
+        " for by that name. Install one with `appliance models pull REPO_ID NAME`; a model"
+        " added or removed is seen within seconds, without a restart.")
     path: Path = setting(
         Path("models/demo"),
-        "Folder of a diffusers text-to-image pipeline (model_index.json inside). When the"
+        "A model served even when it is not in model.dir, named by its folder. When the"
         " folder does not exist, the service creates the built-in tiny demo model there; its"
-        " images are noise. Install a real one with `appliance models pull REPO_ID DIR`.")
+        " images are noise.")
+    default: str = setting(
+        "",
+        "The name of the model a request that names none gets; empty: the model in"
+        " model.path.")
+    lora_dir: Path = setting(
+        Path("loras"),
+        "Folder of LoRA adapters a request may apply (\"loras\": [{\"name\": ..., \"scale\":"
+        " ...}]): each folder in it holds a diffusers LoRA file (*.safetensors) and a"
+        " lora.json naming the models it fits, {\"base_models\": [\"NAME\", ...]}.")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
                           check_device)
     dtype: str = setting(
@@ -383,6 +425,20 @@ class EngineConfig:
         " madebyollin/taesd for SD 1.5) to decode images with instead of the model's own"
         " VAE: much faster, slightly less detailed. Relative to this file; empty uses the"
         " model's own VAE. It is never downloaded.")
+    gpu_memory_budget: str = setting(
+        "90%",
+        "Memory each worker's loaded models may take together: a share of its device's"
+        " memory (\"90%\"; on the CPU, of the machine's) or an amount (\"20GiB\", \"500MB\")."
+        " A worker keeps the models it has loaded while they fit and, to load another,"
+        " unloads the one used least recently; a model larger than the whole budget is still"
+        " loaded, alone.",
+        _memory_amount)
+    model_swap_seconds: float = setting(
+        30.0,
+        "A worker serves the models it has loaded first, while images for other models wait"
+        " at most this many seconds ({bounds}); then it loads the model of the image that has"
+        " waited longest. 0 serves images strictly in turn, loading models as they come.",
+        Between(0.0, 3600.0))
     png_compress_level: int = setting(
         1,
         "PNG compression level ({bounds}): 0 is none, 9 gives the smallest files. PNGs are"
@@ -498,6 +554,65 @@ class LoggingConfig:
                          _one_of("debug", "info", "warning", "error"))
 
 
+# [models.NAME]: one installed model's own settings, where it needs them. Each key
+# is optional; a missing one takes the value below it in this order: the model's
+# table, the model's kind (an SDXL pipeline makes 1024x1024 images), [generation]
+# and model.dtype.
+MODEL_SETTING_CHECKS: dict[str, tuple[type, Check]] = {
+    "width": (int, _IMAGE_SIDE),
+    "height": (int, _IMAGE_SIDE),
+    "steps": (int, Between(1, 200)),
+    "guidance_scale": (float, Between(0.0, 30.0)),
+    "dtype": (str, _one_of("auto", "float32", "float16", "bfloat16")),
+    "credits_per_image": (int, Between(1, 1_000_000)),
+}
+MODEL_SETTINGS_HELP = (
+    "[models.NAME] tables hold one installed model's own settings, where it needs them:"
+    " its default width, height, steps and guidance_scale (within [generation]'s bounds),"
+    " its dtype, and credits_per_image (1 to 1000000, default 1: what each of its images"
+    " costs). A missing key takes [generation]'s value (an SDXL model's size defaults to"
+    " 1024x1024) or model.dtype. For example:")
+MODEL_SETTINGS_EXAMPLE = """[models.sdxl-base]
+width = 1024
+height = 1024
+steps = 30
+credits_per_image = 4"""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One [models.NAME] table; None: not set there."""
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    dtype: str | None = None
+    credits_per_image: int = 1
+
+
+def _model_settings(raw: Any) -> dict[str, ModelSettings]:
+    if not isinstance(raw, dict):
+        raise ConfigError("models must be tables ([models.NAME])")
+    tables = {}
+    for name, values in raw.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"models.{name} must be a table ([models.{name}])")
+        unknown = sorted(set(values) - set(MODEL_SETTING_CHECKS))
+        if unknown:
+            raise ConfigError(f"unknown key models.{name}.{unknown[0]}")
+        kwargs = {}
+        for key, value in values.items():
+            kind, check = MODEL_SETTING_CHECKS[key]
+            value = _coerce(f"models.{name}.{key}", value, kind())
+            problem = check(value)
+            if problem:
+                raise ConfigError(f"models.{name}.{key} {problem}")
+            kwargs[key] = value
+        tables[name] = ModelSettings(**kwargs)
+    return tables
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -511,6 +626,8 @@ class Config:
     housekeeping: HousekeepingConfig = field(default_factory=HousekeepingConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # [models.NAME] tables, by name.
+    models: dict[str, ModelSettings] = field(default_factory=dict)
     # The file the settings came from (None: embedded defaults); relative
     # paths in it were resolved against its folder.
     source: Path | None = None
@@ -536,7 +653,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
-    if f.name != "source"
+    if f.name not in ("source", "models")
 }
 
 # A field declared without setting() has no help, which a test reports.
@@ -609,10 +726,10 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 
 def config_from_dict(raw: dict[str, Any], base_dir: Path, source: Path | None = None) -> Config:
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS) - {"models"})
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}]")
-    sections = {}
+    sections: dict[str, Any] = {"models": _model_settings(raw.get("models", {}))}
     for name, cls in SECTIONS.items():
         values = raw.get(name, {})
         if not isinstance(values, dict):
@@ -632,6 +749,17 @@ def _check_across_sections(config: Config) -> None:
         raise ConfigError(f"health.worker_stall_seconds ({stall}) must be longer than"
                           f" engine.batch_window_seconds ({window:g}): a worker waiting for its"
                           " batch to fill would count as hung")
+    generation = config.generation
+    bounds = {"width": (generation.min_size, generation.max_size),
+              "height": (generation.min_size, generation.max_size),
+              "steps": (generation.min_steps, generation.max_steps),
+              "guidance_scale": (generation.min_guidance_scale, generation.max_guidance_scale)}
+    for name, table in config.models.items():
+        for key, (low, high) in bounds.items():
+            value = getattr(table, key)
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"models.{name}.{key} is {value}, outside [generation]'s"
+                                  f" bounds for requests ({low} to {high})")
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any], base_dir: Path) -> Any:
@@ -773,6 +901,8 @@ def render_config_toml() -> str:
             lines += _comment(s.help)
         previous_help = s.help
         lines.append(f"{s.name} = {_toml_value(s.default)}")
+    lines += ["", *_comment(MODEL_SETTINGS_HELP), "#"]
+    lines += [f"# {line}" for line in MODEL_SETTINGS_EXAMPLE.splitlines()]
     return "\n".join(lines) + "\n"
 
 

@@ -154,3 +154,12 @@ def m005_signin_failures(db: Database) -> None:
         CREATE INDEX audit_log_signins ON audit_log(account_id, action, ip_address);
         """
     )
+
+
+@migrations()
+def m006_job_price(db: Database) -> None:
+    # What each of the job's images cost when it was asked for: models may be
+    # priced differently, and a refund gives back what was paid, even after
+    # the model's price in config.toml changed.
+    db.execute("ALTER TABLE jobs ADD COLUMN credits_per_image INTEGER NOT NULL DEFAULT 1"
+               " CHECK (credits_per_image >= 1)")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import diffusers
 import torch
@@ -25,6 +28,7 @@ from appliance.engine.pipeline import (
     use_vae_slicing,
 )
 from appliance.engine.synth import synthesize
+from appliance.jobs.catalog import InstalledModel
 from appliance.jobs.models import GenerationSettings
 
 log = logging.getLogger(__name__)
@@ -34,13 +38,27 @@ log = logging.getLogger(__name__)
 WARM_UP_STEPS = 2
 
 
+class LoraApplier(Protocol):
+    def apply(self, loras: tuple[tuple[str, float], ...]) -> None: ...
+
+
 class DiffusersGenerator:
-    def __init__(self, pipe, vae_chunk: int = 0, batch_sizes: tuple[int, ...] = ()):
+    def __init__(self, pipe, vae_chunk: int = 0, batch_sizes: tuple[int, ...] = (),
+                 adapters: LoraApplier | None = None):
         self.pipe = pipe
         self.vae_chunk = vae_chunk
         # With a compiled pipeline, each batch is padded to the next of these
         # sizes, so it runs on a graph compiled at warm-up; () runs it as it is.
         self.batch_sizes = tuple(sorted(batch_sizes))
+        # The LoRA adapters loaded into the pipeline (None: none may be).
+        self.adapters = adapters
+
+    def memory_bytes(self) -> int:
+        """Bytes the pipeline's weights take on its device."""
+        return sum(tensor.numel() * tensor.element_size()
+                   for component in self.pipe.components.values()
+                   if isinstance(component, torch.nn.Module)
+                   for tensor in itertools.chain(component.parameters(), component.buffers()))
 
     def generate(self, prompts: list[str], seeds: list[int],
                  settings: GenerationSettings) -> list[Image.Image]:
@@ -56,6 +74,10 @@ class DiffusersGenerator:
         # Filler images repeat the last prompt and seed, and are dropped.
         prompts = list(prompts) + [prompts[-1]] * (padded - count)
         seeds = list(seeds) + [seeds[-1]] * (padded - count)
+        if self.adapters is not None:
+            self.adapters.apply(settings.loras)
+        elif settings.loras:
+            raise RuntimeError("this pipeline cannot apply LoRA adapters")
         pixels = render(self.pipe, prompts, seeds, width=settings.width, height=settings.height,
                         steps=settings.steps, guidance=settings.guidance_scale,
                         negative_prompt=settings.negative_prompt, vae_chunk=self.vae_chunk)
@@ -101,15 +123,19 @@ def ensure_model(model_dir: Path) -> Path:
             log.warning(
                 "no model at %s: creating the built-in tiny demo model there. Its weights are"
                 " random, so every image will be noise. Install a real model with"
-                " `appliance models pull REPO_ID %s` (after removing the demo folder) and restart.",
-                model_dir, model_dir,
+                " `appliance models pull REPO_ID NAME` and set model.default = \"NAME\".",
+                model_dir,
             )
             synthesize(model_dir, "tiny")
     return model_dir
 
 
-def load_configured_generator(config: Config, device: str | None = None) -> DiffusersGenerator:
-    """Loads, speeds up and warms up the model on `device` (default: model.device).
+def load_configured_generator(config: Config, device: str | None = None,
+                              model: InstalledModel | None = None,
+                              lora_path: Callable[[str], Path] | None = None
+                              ) -> DiffusersGenerator:
+    """Loads, speeds up and warms up `model` (default: the one in model.path) on `device`
+    (default: model.device); `lora_path(name)` finds the adapters requests apply.
 
     Runs on the worker thread of that device, which keeps it as its current one.
     """
@@ -119,8 +145,9 @@ def load_configured_generator(config: Config, device: str | None = None) -> Diff
     device = pick_device(device or config.model.device)
     if device.startswith("cuda:"):
         torch.cuda.set_device(device)
-    dtype = pick_dtype(config.model.dtype, device)
-    model_dir = ensure_model(config.model.path)
+    dtype = pick_dtype(model.dtype if model else config.model.dtype, device)
+    path = model.path if model else config.model.path
+    model_dir = ensure_model(path) if path == config.model.path else path
     engine = config.engine
     log.info("loading the model from %s on %s (%s)", model_dir, device, dtype)
     pipe = load_pipeline(model_dir, device, dtype)
@@ -133,10 +160,17 @@ def load_configured_generator(config: Config, device: str | None = None) -> Diff
     if engine.compile != "off":
         compile_pipeline(pipe, engine.compile)
         batch_sizes = compiled_batch_sizes(engine.batch_size)
-    generator = DiffusersGenerator(pipe, vae_chunk(engine.vae_decode_chunk, device), batch_sizes)
+    adapters = None
+    if lora_path is not None:
+        from appliance.engine.adapters import Adapters
+
+        adapters = Adapters(pipe, lora_path)
+    generator = DiffusersGenerator(pipe, vae_chunk(engine.vae_decode_chunk, device), batch_sizes,
+                                   adapters)
     generation = config.generation
-    settings = GenerationSettings(generation.width, generation.height, WARM_UP_STEPS,
-                                  generation.guidance_scale)
+    defaults = model.defaults if model else generation
+    settings = GenerationSettings(defaults.width, defaults.height, WARM_UP_STEPS,
+                                  defaults.guidance_scale)
     if batch_sizes:
         # torch.compile is not made for compiling on several threads at once.
         with _compile_lock:

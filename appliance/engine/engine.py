@@ -11,14 +11,16 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from appliance.core.config import Config
+from appliance.core.config import Config, memory_budget_bytes
 from appliance.core.database import ConnectionPool
 from appliance.core.devices import ALL, resolve_devices
 from appliance.engine import gpu
+from appliance.engine.loaded_models import LoadedModels, weights_on_disk
 from appliance.engine.metrics import EngineMetrics, EngineStatus, WorkerStatus
 from appliance.engine.queue import ImageQueue
 from appliance.engine.worker import ImageGenerator, Worker
 from appliance.engine.writer import ImageWriter
+from appliance.jobs.catalog import Catalog
 from appliance.jobs.store import unfinished_images
 
 log = logging.getLogger(__name__)
@@ -40,30 +42,53 @@ def worker_devices(config: Config) -> list[str]:
 
 class Engine:
     def __init__(self, config: Config, database: ConnectionPool,
-                 load_generator: Callable[[], ImageGenerator] | None = None):
-        """`load_generator` replaces the diffusers pipeline (tests); it is called once a worker."""
+                 load_generator: Callable[[], ImageGenerator] | None = None,
+                 catalog: Catalog | None = None,
+                 load_model: Callable[[str], ImageGenerator] | None = None):
+        """`load_generator` replaces the diffusers pipeline with one generator for every
+        model (tests), `load_model(name)` with one per model; either is called on each
+        worker's thread whenever it loads a model."""
         self.config = config
         self.database = database
+        self.catalog = catalog or Catalog(config)
         engine = config.engine
         self.queue = ImageQueue(engine.queue_capacity)
         self.devices = worker_devices(config)
         self.metrics = EngineMetrics()
         self.metrics.watch(self.status)
         self.writer = ImageWriter(config.images_dir, engine.png_threads, engine.png_compress_level)
-        if load_generator is None:
-            from appliance.engine.diffusers_generator import load_configured_generator
-
-            loaders: list[Callable[[], ImageGenerator]] = [
-                partial(load_configured_generator, config, device) for device in self.devices]
-        else:
-            loaders = [load_generator] * len(self.devices)
         several = len(self.devices) > 1
         self.workers = [
-            Worker(database, self.queue, loader, self.writer, self.metrics, engine.batch_size,
-                   engine.batch_window_seconds,
-                   name=f"engine-worker-{device}" if several else "engine-worker")
-            for device, loader in zip(self.devices, loaders, strict=True)
+            Worker(database, self.queue, self._loaded_models(device, load_generator, load_model),
+                   self.writer, self.metrics, engine.batch_size, engine.batch_window_seconds,
+                   name=f"engine-worker-{device}" if several else "engine-worker",
+                   default_model=self.catalog.default_name,
+                   swap_after=engine.model_swap_seconds, load_failed=self.catalog.mark_broken)
+            for device in self.devices
         ]
+
+    def _loaded_models(self, device: str, load_generator: Callable[[], ImageGenerator] | None,
+                       load_model: Callable[[str], ImageGenerator] | None) -> LoadedModels:
+        catalog = self.catalog
+        # A stand-in generator runs on no real device: a share of its memory is
+        # no limit, an amount is (tests of the budget use one).
+        budget = partial(memory_budget_bytes, self.config.engine.gpu_memory_budget, 2**62)
+        if load_model is not None:
+            return LoadedModels(load_model, budget, device)
+        if load_generator is not None:
+            return LoadedModels(lambda name: load_generator(), budget, device)
+        from appliance.engine.diffusers_generator import load_configured_generator
+
+        def load(name: str) -> ImageGenerator:
+            return load_configured_generator(self.config, device, catalog.served(name),
+                                             catalog.lora_path)
+
+        def estimate(name: str) -> int:
+            model = catalog.served(name)
+            return weights_on_disk(model.path, model.dtype)
+
+        return LoadedModels(load, partial(gpu.memory_budget, self.config.engine, device), device,
+                            estimate=estimate, release=gpu.release_unloaded_models)
 
     @property
     def worker(self) -> Worker:
@@ -133,4 +158,6 @@ class Engine:
                             alive=worker.is_alive(), max_batch_size=worker.batch_size,
                             batches_in_flight=len(batches),
                             batch_size=newest.size if newest else None,
-                            batch_settings=newest.settings if newest else None)
+                            batch_settings=newest.settings if newest else None,
+                            models=tuple(worker.models.sizes().items()),
+                            model_budget_bytes=worker.models.budget_bytes)

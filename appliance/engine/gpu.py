@@ -3,9 +3,14 @@ engine's pure parts (queue, worker loop, writers) import without it."""
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
 from collections.abc import Iterator
+
+from appliance.core.config import EngineConfig, memory_budget_bytes
+from appliance.core.devices import cuda_index
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +58,32 @@ def log_peak_memory() -> None:
             log.info("peak GPU memory on cuda:%d: %.2f GiB allocated, %.2f GiB reserved", index,
                      torch.cuda.max_memory_allocated(index) / GIB,
                      torch.cuda.max_memory_reserved(index) / GIB)
+
+
+def device_memory_bytes(device: str) -> int:
+    """The device's whole memory: a GPU's, or the machine's for the CPU."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    index = cuda_index(device)
+    if index is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    import torch
+
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+def memory_budget(engine: EngineConfig, device: str) -> int:
+    """engine.gpu_memory_budget in bytes for `device` (checked when the config loaded)."""
+    return memory_budget_bytes(engine.gpu_memory_budget, device_memory_bytes(device))
+
+
+def release_unloaded_models() -> None:
+    """Frees the memory of models just unloaded, for the next model to use: their last
+    references are gone, but torch modules hold reference cycles, which only a full
+    collection frees; then the GPU's cache gives the blocks back to the device."""
+    gc.collect()
+    torch = _torch_using_cuda()
+    if torch is not None:
+        torch.cuda.empty_cache()

@@ -38,6 +38,10 @@ class WorkerStatus:
     # The newest batch started and not yet ended; None while the worker is idle.
     batch_size: int | None = None
     batch_settings: GenerationSettings | None = None
+    # The models it holds, as (name, bytes), least recently used first, and the
+    # budget they share (None before its first load).
+    models: tuple[tuple[str, int], ...] = ()
+    model_budget_bytes: int | None = None
 
     @property
     def busy(self) -> bool:
@@ -153,6 +157,20 @@ class _StatusCollector(Collector):
         for device, kind, value in status.gpu_memory:
             memory.add_metric([device, kind], value)
         yield memory
+        loaded = GaugeMetricFamily("appliance_model_loaded_bytes",
+                                   "Models each worker holds on its device, by their weights'"
+                                   " bytes (no series: not loaded there).",
+                                   labels=["worker", "device", "model"])
+        budget = GaugeMetricFamily("appliance_model_budget_bytes",
+                                   "Memory each worker's loaded models may take together"
+                                   " (engine.gpu_memory_budget).", labels=["worker", "device"])
+        for worker in status.workers:
+            for model, size in worker.models:
+                loaded.add_metric([worker.name, worker.device, model], size)
+            if worker.model_budget_bytes is not None:
+                budget.add_metric([worker.name, worker.device], worker.model_budget_bytes)
+        yield loaded
+        yield budget
 
 
 def exposition(*registries: CollectorRegistry) -> bytes:

@@ -10,6 +10,16 @@ images of equal settings only, since they share one pipeline call: the account
 whose turn it is picks the settings (those of its oldest image), then the batch
 fills in turn order from every account with images of those settings. An
 account passed over for having none keeps its turn and picks the next batch.
+
+Models: settings name a model, and loading another model into a worker takes
+seconds. A worker says which models it holds, and the lead then comes from the
+first account in turn order with images for one of them; the images of other
+models wait until the oldest of them has waited `swap_after` seconds and the
+worker has held its latest model that long: then its settings lead, and the
+worker loads its model. Each model so keeps a worker for at least `swap_after`
+seconds once loaded, which bounds swaps to one per `swap_after` seconds, and an
+image waits at most about (models waiting + 1) x (swap_after + a load) for its
+model: no account and no model waits without bound.
 """
 
 from __future__ import annotations
@@ -86,18 +96,22 @@ class ImageQueue:
         self._count += len(images)
         self._cond.notify_all()
 
-    def take_batch(self, max_items: int, timeout: float, window: float = 0.0) -> list[QueuedImage]:
+    def take_batch(self, max_items: int, timeout: float, window: float = 0.0,
+                   loaded: frozenset[str] | None = None, swap_after: float = 0.0,
+                   loaded_at: float = float("-inf")) -> list[QueuedImage]:
         """Up to max_items images of equal settings, in turn order (see the module's text).
 
         Waits up to `timeout` for a first image, then until `window` seconds
         after that image was queued for the batch to fill; returns [] on
-        timeout or close.
+        timeout or close. `loaded`: the models the worker holds, the latest
+        of which it loaded at `loaded_at` (time.monotonic), whose images go
+        first for `swap_after` seconds (see the module's text).
         """
         with self._cond:
             if not self._cond.wait_for(lambda: self._count or self._closed, timeout):
                 return []
             while self._count:
-                lead = self._oldest(self._turns[0])
+                lead = self._lead(loaded, swap_after, loaded_at)
                 settings = lead.image.settings
                 wait = lead.queued_at + window - time.monotonic()
                 if self._closed or wait <= 0 or self._matching(settings) >= max_items:
@@ -108,6 +122,25 @@ class ImageQueue:
 
     def _oldest(self, account_id: int) -> _Entry:
         return min(lane[0] for lane in self._lanes[account_id].values())
+
+    def _lead(self, loaded: frozenset[str] | None, swap_after: float, loaded_at: float
+              ) -> _Entry:
+        """The image whose settings the next batch takes (see the module's text)."""
+        first = self._oldest(self._turns[0])
+        if loaded is None or swap_after <= 0 or first.image.settings.model in loaded:
+            return first
+        waiting = [lane[0] for lanes in self._lanes.values() for settings, lane in lanes.items()
+                   if settings.model not in loaded]
+        starving = min(waiting, key=lambda entry: entry.queued_at)
+        now = time.monotonic()
+        if now - starving.queued_at >= swap_after and now - loaded_at >= swap_after:
+            return starving
+        for account_id in self._turns:
+            ready = [lane[0] for settings, lane in self._lanes[account_id].items()
+                     if settings.model in loaded]
+            if ready:
+                return min(ready)
+        return first  # nothing for a model it holds: it must load one anyway
 
     def _matching(self, settings: GenerationSettings) -> int:
         return sum(len(lanes.get(settings, ())) for lanes in self._lanes.values())

@@ -3,6 +3,10 @@
 A synthesized model has the real folder layout and architecture of a
 diffusers text-to-image pipeline, so the whole appliance can be exercised
 offline without downloading gigabytes of weights. Its images are noise.
+
+torch, diffusers, transformers and peft are imported inside the functions that
+build weights: the command line reads ALLOWED_SIZES when it starts, and must
+not wait seconds for those imports.
 """
 
 from __future__ import annotations
@@ -14,24 +18,21 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
-
-import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from appliance.core.files import is_free, staged_folder
+from appliance.jobs.catalog import LORA_DECLARATION
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
 
-ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+ModelT = TypeVar("ModelT", bound="torch.nn.Module")
 
-ALLOWED_SIZES = ("tiny", "sd15")
+ALLOWED_SIZES = ("tiny", "sd15", "tiny-sdxl")
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -136,6 +137,8 @@ def _generated_merges() -> tuple[tuple[str, str], ...]:
 
 
 def write_tokenizer(folder: Path) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
     merges = list(_generated_merges())
     vocab = build_vocab(merges)
     folder.mkdir(parents=True, exist_ok=True)
@@ -224,6 +227,36 @@ def _tiny_configs() -> dict[str, dict[str, Any]]:
     }
 
 
+# SDXL conditions its UNet on six numbers besides the text: the original
+# size, the crop's top-left corner and the target size, each (height, width).
+SDXL_TIME_IDS = 6
+
+
+def _tiny_sdxl_configs() -> dict[str, dict[str, Any]]:
+    tiny = _tiny_configs()
+    # Both encoders are the tiny one; the second also projects its pooled
+    # output, which SDXL feeds to the UNet along with the time ids.
+    first, second = tiny["text_encoder"], tiny["text_encoder"]
+    time_embed_dim = 8
+    return {
+        "unet": {
+            **tiny["unet"],
+            # SDXL's text conditioning: both encoders' hidden states side by side.
+            "cross_attention_dim": first["hidden_size"] + second["hidden_size"],
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": time_embed_dim,
+            "projection_class_embeddings_input_dim": (
+                SDXL_TIME_IDS * time_embed_dim + second["projection_dim"]
+            ),
+        },
+        # SDXL's VAE has SD 1.5's architecture and another latent scale.
+        "vae": {**tiny["vae"], "scaling_factor": 0.13025},
+        "text_encoder": first,
+        "text_encoder_2": second,
+    }
+
+
 def _sd15_configs() -> dict[str, dict[str, Any]]:
     return {
         "unet": {
@@ -282,14 +315,18 @@ def _check_size(size: str) -> None:
 
 
 def architecture_configs(size: str) -> dict[str, dict[str, Any]]:
-    """Config dicts for the unet, vae and text_encoder of a synthesized model."""
+    """Config dicts for the unet, vae and text_encoder (SDXL: also text_encoder_2)
+    of a synthesized model."""
     _check_size(size)
-    return _sd15_configs() if size == "sd15" else _tiny_configs()
+    builders = {"tiny": _tiny_configs, "sd15": _sd15_configs, "tiny-sdxl": _tiny_sdxl_configs}
+    return builders[size]()
 
 
 def _seeded(seed: int, half: bool, build: Callable[[], ModelT]) -> ModelT:
     # Re-seeding before every model keeps each one's weights independent of
     # how many random numbers the models built before it consumed.
+    import torch
+
     torch.manual_seed(seed)
     model = build()
     return model.half() if half else model
@@ -297,13 +334,39 @@ def _seeded(seed: int, half: bool, build: Callable[[], ModelT]) -> ModelT:
 
 def _build_pipeline(
     configs: dict[str, dict[str, Any]], tokenizer: CLIPTokenizer, seed: int, half: bool
-) -> StableDiffusionPipeline:
+) -> DiffusionPipeline:
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     unet = _seeded(seed, half, lambda: UNet2DConditionModel(**configs["unet"]))
     vae = _seeded(seed, half, lambda: AutoencoderKL(**configs["vae"]))
     text_encoder = _seeded(
         seed, half, lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     )
+    # SDXL was trained with the same noise schedule and sampler settings as SD 1.5.
     scheduler = EulerDiscreteScheduler(**_sd15_betas(), steps_offset=1, timestep_spacing="leading")
+    if "text_encoder_2" in configs:
+        # A seed of its own, so that the two encoders do not start out identical.
+        text_encoder_2 = _seeded(
+            seed + 1,
+            half,
+            lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])),
+        )
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -329,20 +392,93 @@ def synthesize(target: Path, size: str = "tiny", seed: int = 0) -> Path:
     return target
 
 
-def _match_file_modes(folder: Path) -> None:
+def _match_file_modes(folder: Path, reference: str = "model_index.json") -> None:
     # safetensors writes weights through a private (0600) temporary file; give
     # them the umask-derived mode of the other files so that a service running
     # as another user can read a model that an administrator synthesized.
-    mode = (folder / "model_index.json").stat().st_mode & 0o777
+    mode = (folder / reference).stat().st_mode & 0o777
     for path in folder.rglob("*"):
         if path.is_file() and path.stat().st_mode & 0o777 != mode:
             path.chmod(mode)
 
 
 def _write_pipeline(folder: Path, size: str, seed: int) -> None:
+    configs = architecture_configs(size)
     tokenizer = write_tokenizer(folder / "tokenizer")
+    if "text_encoder_2" in configs:
+        # The second encoder reads prompts with the same tokenizer; written the
+        # same way, its folder also has the vocabulary files slow tokenizers read.
+        write_tokenizer(folder / "tokenizer_2")
     # Half precision halves the 4 GB of full-size random weights (loaders
     # upcast on demand); casting each model as it is built also lowers peak memory.
-    pipeline = _build_pipeline(architecture_configs(size), tokenizer, seed, half=size == "sd15")
+    pipeline = _build_pipeline(configs, tokenizer, seed, half=size == "sd15")
     pipeline.save_pretrained(folder, safe_serialization=True)
     _match_file_modes(folder)
+
+
+# LoRA adapters
+
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+# The attention projections, where LoRA training scripts put their adapters.
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+# Spread of the random LoRA matrices: trained adapters are not zero, and these
+# must change a tiny model's images visibly (PEFT starts lora_B at zero,
+# an adapter that changes nothing).
+LORA_WEIGHT_STD = 0.5
+
+
+def synthesize_lora(
+    target: Path, base_model: Path, base_models: list[str], seed: int = 0, rank: int = 4
+) -> Path:
+    """Write an installed-adapter folder: a LoRA with random weights for the UNet of the
+    pipeline in `base_model`, and lora.json naming the models it is meant for."""
+    target, base_model = Path(target), Path(base_model)
+    if not is_free(target):
+        raise FileExistsError(
+            f"Refusing to overwrite {target}: it already exists and is not empty."
+        )
+    pipeline_class = _pipeline_class(base_model)
+    layers = _random_unet_lora(base_model / "unet", seed, rank)
+    with staged_folder(target) as staging:
+        (staging / LORA_DECLARATION).write_text(
+            json.dumps({"base_models": list(base_models)}), encoding="utf-8"
+        )
+        pipeline_class.save_lora_weights(
+            staging,
+            # No adapter metadata: safetensors writes metadata in a random key
+            # order, so the same seed would not give the same bytes. Loaders then
+            # take alpha = rank, which is what the layers were made with.
+            unet_lora_layers=layers,
+            weight_name=LORA_WEIGHTS_FILE,
+            safe_serialization=True,
+        )
+        _match_file_modes(staging, reference=LORA_DECLARATION)
+    logger.info("Synthesized a LoRA of rank %d with seed %d at %s", rank, seed, target)
+    return target
+
+
+def _pipeline_class(model: Path) -> Any:
+    import diffusers
+
+    index = json.loads((model / "model_index.json").read_text(encoding="utf-8"))
+    return getattr(diffusers, index["_class_name"])
+
+
+def _random_unet_lora(unet_folder: Path, seed: int, rank: int) -> dict[str, torch.Tensor]:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    # PEFT gives the LoRA layers' names and shapes; their values are drawn below,
+    # so neither the base weights nor PEFT's initial values are ever made.
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_folder))
+        unet.add_adapter(LoraConfig(r=rank, target_modules=list(LORA_TARGET_MODULES)))
+    shapes = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    generator = torch.Generator().manual_seed(seed)
+    layers = {
+        name: torch.randn(tuple(shapes[name].shape), generator=generator) * LORA_WEIGHT_STD
+        for name in sorted(shapes)
+    }
+    return layers

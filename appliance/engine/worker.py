@@ -20,6 +20,7 @@ from typing import Protocol
 from PIL import Image
 
 from appliance.core.database import ConnectionPool
+from appliance.engine.loaded_models import LoadedModels
 from appliance.engine.metrics import EngineMetrics
 from appliance.engine.queue import ImageQueue
 from appliance.engine.writer import BatchImages, ImageWriter, ReadyImages
@@ -61,18 +62,27 @@ class Worker(threading.Thread):
         self,
         database: ConnectionPool,
         queue: ImageQueue,
-        load_generator: Callable[[], ImageGenerator],
+        models: LoadedModels,
         writer: ImageWriter,
         metrics: EngineMetrics,
         batch_size: int,
         batch_window: float = 0.0,
         name: str = "engine-worker",
+        default_model: str = "",
+        swap_after: float = 0.0,
+        load_failed: Callable[[str, str], None] = lambda model, problem: None,
     ):
+        """`models` loads and holds this worker's models; the default one is loaded before
+        the worker counts as ready. `load_failed(model, problem)` is told of a model that
+        could not be loaded (the catalog then refuses requests for it)."""
         # A daemon, so a GPU call that never returns cannot hold the process open.
         super().__init__(name=name, daemon=True)
         self.database = database
         self.queue = queue
-        self.load_generator = load_generator
+        self.models = models
+        self.default_model = default_model
+        self.swap_after = swap_after
+        self.load_failed = load_failed
         self.writer = writer
         self.metrics = metrics
         self.batch_size = batch_size
@@ -110,7 +120,7 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         try:
-            generator = self.load_generator()
+            self.models.get(self.default_model)
         except BaseException as exc:  # noqa: BLE001 - reported through readiness and the log
             self.load_error = exc
             log.error("the model could not be loaded: %s", exc)
@@ -120,11 +130,37 @@ class Worker(threading.Thread):
             self.heartbeat = time.monotonic()
             if not self._in_flight.acquire(timeout=0.5):
                 continue  # the writers are behind; keep the heartbeat going meanwhile
-            batch = self.queue.take_batch(self.batch_size, timeout=0.5, window=self.batch_window)
-            if batch:
+            batch = self.queue.take_batch(self.batch_size, timeout=0.5, window=self.batch_window,
+                                          loaded=self.loaded_models(),
+                                          swap_after=self.swap_after,
+                                          loaded_at=self.models.loaded_at)
+            generator = self._generator_for(batch) if batch else None
+            if generator is not None:
                 self.process(generator, batch)
-            else:
+            elif not batch:
                 self._in_flight.release()
+
+    def loaded_models(self) -> frozenset[str]:
+        """The models this worker holds; "" (jobs stored before models had names) is the
+        default one."""
+        names = self.models.names
+        return names | {""} if self.default_model in names else names
+
+    def _generator_for(self, batch: list[QueuedImage]) -> ImageGenerator | None:
+        """The batch's model, loaded; None when it cannot be, after failing the batch."""
+        name = batch[0].settings.model or self.default_model
+        try:
+            return self.models.get(name)
+        except Exception as exc:  # noqa: BLE001 - any load failure fails the images, refunded
+            problem = f"the model {name!r} could not be loaded: {exc}"
+            log.error("%s; %d images failed", problem, len(batch))
+            if "out of memory" not in str(exc).lower():
+                # A broken folder stays broken; memory may be free for the next try.
+                self.load_failed(name, str(exc))
+            self._batch_ended(batch, None, [], {item: problem for item in batch})
+            return None
+        finally:
+            self.heartbeat = time.monotonic()
 
     def process(self, generator: ImageGenerator, batch: list[QueuedImage]) -> None:
         """Starts the batch; it ends later, on a writer thread (see _batch_ended)."""

@@ -63,13 +63,21 @@ class GenerationSettings:
     # None: the pipeline's own empty unconditional prompt. A default, so the
     # settings of jobs stored before it existed still load.
     negative_prompt: str | None = None
+    # The installed model's name; "" in jobs stored before there were several,
+    # which the default model makes.
+    model: str = ""
+    # LoRA adapters applied, as (name, scale), sorted by name so that equal sets
+    # batch together.
+    loras: tuple[tuple[str, float], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> GenerationSettings:
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        values["loras"] = tuple((name, float(scale)) for name, scale in values.get("loras", ()))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ class JobView:
     # Queued images the engine takes before this job's next one; None when
     # none of its images waits (filled in by the job service from the queue).
     queue_position: int | None = None
+    credits_per_image: int = 1
 
 
 @dataclass(frozen=True)

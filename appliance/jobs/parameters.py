@@ -11,9 +11,14 @@ import re
 
 from appliance.core.config import GenerationConfig, LimitsConfig
 from appliance.core.errors import BadRequest
+from appliance.jobs.catalog import Catalog, InstalledModel
 from appliance.jobs.models import MAX_SEED, GenerationSettings
 
 SIZE_MULTIPLE = 8  # Stable Diffusion's VAE works on 8x8 pixel blocks
+# LoRA adapters one request may apply, and the scales each may have (negative
+# scales push an image away from the adapter's style).
+MAX_LORAS = 5
+LORA_SCALE = (-4.0, 4.0)
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 
 
@@ -71,32 +76,61 @@ def parse_size(name: str, value: str, generation: GenerationConfig) -> tuple[int
             check_side(name, int(match[2]), generation))
 
 
+def check_loras(catalog: Catalog, model: InstalledModel,
+                loras: list[tuple[str, float]] | None, field: str) -> tuple[tuple[str, float], ...]:
+    """The adapters a request asked for, as (name, scale) sorted by name; each must be
+    installed, fit `model`, appear once and have a scale within LORA_SCALE."""
+    if not loras:
+        return ()
+    if len(loras) > MAX_LORAS:
+        raise InvalidParameter(field, f"'{field}' has {len(loras)} adapters; at most"
+                                      f" {MAX_LORAS} may be applied at once")
+    chosen: dict[str, float] = {}
+    low, high = LORA_SCALE
+    for i, (name, scale) in enumerate(loras):
+        where = f"{field}[{i}]"
+        catalog.lora(name, model, f"{where}.name")
+        if name in chosen:
+            raise InvalidParameter(field, f"'{where}.name' is {name!r}, which is already"
+                                          " applied: name each adapter once")
+        if not math.isfinite(scale) or not low <= scale <= high:
+            raise InvalidParameter(field, f"'{where}.scale' is {scale}; it must be from {low}"
+                                          f" to {high}")
+        chosen[name] = float(scale)
+    return tuple(sorted(chosen.items()))
+
+
 def settings_for(
     generation: GenerationConfig,
     limits: LimitsConfig,
     names: dict[str, str],
+    model: InstalledModel,
     *,
+    loras: tuple[tuple[str, float], ...] = (),
     negative_prompt: str | None = None,
     width: int | None = None,
     height: int | None = None,
     steps: int | None = None,
     guidance_scale: float | None = None,
 ) -> GenerationSettings:
-    """The settings a request asked for, config.toml's defaults where it did not.
+    """The settings a request asked for, the model's defaults where it did not.
 
     `names` maps each parameter to the name the request used for it.
     """
+    defaults = model.defaults
     return GenerationSettings(
-        width=generation.width if width is None else check_side(names["width"], width, generation),
-        height=(generation.height if height is None
+        width=defaults.width if width is None else check_side(names["width"], width, generation),
+        height=(defaults.height if height is None
                 else check_side(names["height"], height, generation)),
-        steps=generation.steps if steps is None else check_steps(names["steps"], steps, generation),
-        guidance_scale=(generation.guidance_scale if guidance_scale is None
+        steps=defaults.steps if steps is None else check_steps(names["steps"], steps, generation),
+        guidance_scale=(defaults.guidance_scale if guidance_scale is None
                         else check_guidance_scale(names["guidance_scale"], guidance_scale,
                                                   generation)),
         negative_prompt=(None if negative_prompt is None
                          else check_negative_prompt(names["negative_prompt"], negative_prompt,
                                                     limits)),
+        model=model.name,
+        loras=loras,
     )
 
 

@@ -59,6 +59,8 @@ class JobRequest:
     settings: GenerationSettings
     seed: int | None = None
     idempotency: IdempotentRequest | None = None
+    # The model's price (catalog.InstalledModel.credits_per_image).
+    credits_per_image: int = 1
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,12 @@ class Usage:
 
 class JobService:
     def __init__(self, database: ConnectionPool, queue: JobQueue, limits: LimitsConfig,
-                 images_dir: Path, default_settings: GenerationSettings):
+                 images_dir: Path):
         self.database = database
         self.queue = queue
         self.limits = limits
         self.images_dir = images_dir
         # What a request that names no parameters gets (config.toml's [generation]).
-        self.default_settings = default_settings
 
     def submit(self, request: JobRequest) -> Submitted:
         """Charges and queues the job, or answers a retried Idempotency-Key as the first time."""
@@ -94,7 +95,8 @@ class JobService:
                 self.queue.reserve(count)
                 reserved = True
                 submitted = store.submit(db, account_id, request.key_id, request.prompts,
-                                         request.settings, request.seed)
+                                         request.settings, request.seed,
+                                         request.credits_per_image)
                 if request.idempotency:
                     idempotency.remember(db, account_id, request.idempotency, idempotency.Answer(
                         submitted.job_id, submitted.total_images, submitted.credits_used,

@@ -45,8 +45,9 @@ def submit(
     prompts: list[str],
     settings: GenerationSettings,
     seed: int | None = None,
+    credits_per_image: int = 1,
 ) -> Submitted:
-    """Charges one credit an image and writes the job, all in one transaction.
+    """Charges `credits_per_image` an image and writes the job, all in one transaction.
 
     The caller reserves queue room first and enqueues `images` afterwards;
     if this raises, nothing was charged or written.
@@ -54,16 +55,18 @@ def submit(
     job_id = str(uuid.uuid4())
     now = utc_now()
     count = len(prompts)
+    cost = count * credits_per_image
     seeds = image_seeds(count, seed)
     with immediate(db):
         # The job row first: the ledger row refers to it.
         db.execute(
             "INSERT INTO jobs (id, account_id, api_key_id, status, total_images, credits_used,"
-            " settings, seed, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [job_id, account_id, api_key_id, JobStatus.QUEUED, count, count, settings.to_json(),
-             seed, now],
+            " credits_per_image, settings, seed, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [job_id, account_id, api_key_id, JobStatus.QUEUED, count, cost, credits_per_image,
+             settings.to_json(), seed, now],
         )
-        balance = change_credits(db, account_id, -count, "image job", job_id)
+        balance = change_credits(db, account_id, -cost, "image job", job_id)
         image_ids = [
             insert(db, "INSERT INTO job_images (job_id, idx, prompt, seed, status)"
                        " VALUES (?, ?, ?, ?, ?)", [job_id, i, prompt, seed, ImageStatus.QUEUED])
@@ -73,7 +76,7 @@ def submit(
         QueuedImage(image_id, job_id, account_id, i, prompt, seed, settings)
         for i, (image_id, prompt, seed) in enumerate(zip(image_ids, prompts, seeds, strict=True))
     ]
-    return Submitted(job_id, count, count, balance, images)
+    return Submitted(job_id, count, cost, balance, images)
 
 
 def image_seeds(count: int, base_seed: int | None) -> list[int]:
@@ -128,6 +131,7 @@ def get_job(db: Database, account_id: int, job_id: str) -> JobView:
         images=images,
         cancelled_images=counts[ImageStatus.CANCELLED],
         seed=job["seed"],
+        credits_per_image=job["credits_per_image"],
     )
 
 
@@ -193,9 +197,7 @@ def mark_failed(db: Database, images: Iterable[QueuedImage], error: str) -> None
             if changed:
                 per_job[(image.job_id, image.account_id)] += 1
         for (job_id, account_id), count in per_job.items():
-            db.execute("UPDATE jobs SET credits_refunded = credits_refunded + ? WHERE id = ?",
-                       [count, job_id])
-            change_credits(db, account_id, count, "refund: image failed", job_id)
+            _refund(db, account_id, job_id, count, "refund: image failed")
         _settle_jobs(db, {i.job_id for i in images}, now)
 
 
@@ -215,11 +217,17 @@ def cancel(db: Database, account_id: int, job_id: str) -> int:
             [ImageStatus.CANCELLED, now, job_id, ImageStatus.QUEUED],
         ).rowcount
         if count:
-            db.execute("UPDATE jobs SET credits_refunded = credits_refunded + ? WHERE id = ?",
-                       [count, job_id])
-            change_credits(db, account_id, count, "refund: image cancelled", job_id)
+            _refund(db, account_id, job_id, count, "refund: image cancelled")
             _settle_jobs(db, {job_id}, now)
     return count
+
+
+def _refund(db: Database, account_id: int, job_id: str, images: int, reason: str) -> None:
+    """Gives back what `images` of the job cost, at the price it was charged."""
+    db.execute("UPDATE jobs SET credits_refunded = credits_refunded + credits_per_image * ?"
+               " WHERE id = ?", [images, job_id])
+    price = db.execute("SELECT credits_per_image FROM jobs WHERE id = ?", [job_id]).fetchone()[0]
+    change_credits(db, account_id, images * price, reason, job_id)
 
 
 def _settle_jobs(db: Database, job_ids: set[str], now: str) -> None:

@@ -1,4 +1,4 @@
-"""`appliance doctor`: checks the GPU, driver, model, database, files and config, in plain words.
+"""`appliance doctor`: checks the GPU, driver, models, database, files and config, in plain words.
 
 Each finding is ok, note, warning or problem; only a problem makes the command
 exit non-zero, since only a problem stops the service from doing its work.
@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from sqlite_utils import Database
 from appliance.core.config import Config
 from appliance.core.database import problem_sentence
 from appliance.core.devices import cuda_index
+from appliance.jobs.catalog import Catalog
 from appliance.ops.lock import holder
 
 OK, NOTE, WARNING, PROBLEM = "ok", "note", "warning", "problem"
@@ -112,49 +114,102 @@ def _weight_bytes(folder: Path) -> int:
                if path.is_file() and path.name.endswith(WEIGHT_SUFFIXES))
 
 
-def check_model(config: Config) -> Iterator[Finding]:
-    folder = config.model.path
-    if not folder.exists():
-        yield Finding(WARNING, "model", f"there is no model at {folder}: the service will create"
-                      " the tiny demo model there, whose images are noise. Install a real one with"
-                      f" `appliance models pull REPO_ID {folder}`")
+def check_models(config: Config) -> Iterator[Finding]:
+    """Every installed model's folder, the default model, and the adapters' base models."""
+    catalog = Catalog(config)
+    models = catalog.models()
+    names = {model.name for model in models}
+    if catalog.default_name not in names:
+        yield Finding(PROBLEM, "model", f"model.default is {catalog.default_name!r}, which is not"
+                      f" installed (installed: {', '.join(sorted(names))}): requests that name no"
+                      " model are refused")
+    for model in models:
+        yield from _check_model_folder(model.name, model.path, model.path == config.model.path)
+    for lora in catalog.loras():
+        missing = [base for base in lora.base_models if base not in names]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            yield Finding(WARNING, "lora", f"the LoRA adapter {lora.name!r} ({lora.path.parent})"
+                          f" fits {', '.join(missing)}, which {verb} not installed")
+
+
+def _check_model_folder(name: str, folder: Path, is_demo_place: bool) -> Iterator[Finding]:
+    model = f"model {name!r}"
+    if not folder.exists() and is_demo_place:
+        yield Finding(WARNING, "model", f"there is no {model} at {folder} yet: the service will"
+                      " create the tiny demo model there, whose images are noise. Install a real"
+                      " one with `appliance models pull REPO_ID NAME`")
         return
     index_file = folder / "model_index.json"
     if not index_file.is_file():
-        yield Finding(PROBLEM, "model", f"{folder} has no model_index.json: it is not a diffusers"
-                      " pipeline (a download may have been interrupted; pull it again)")
+        yield Finding(PROBLEM, "model", f"{model}: {folder} has no model_index.json: it is not a"
+                      " diffusers pipeline (a download may have been interrupted; pull it again)")
         return
     try:
         index = json.loads(index_file.read_text())
     except (OSError, ValueError) as exc:
-        yield Finding(PROBLEM, "model", f"{index_file} cannot be read: {exc}")
+        yield Finding(PROBLEM, "model", f"{model}: {index_file} cannot be read: {exc}")
         return
-    components = sorted(name for name, value in index.items() if not name.startswith("_")
+    components = sorted(part for part, value in index.items() if not part.startswith("_")
                         and isinstance(value, list) and value and value[0] is not None
-                        and name not in ("safety_checker", "feature_extractor"))
-    missing = [name for name in components if not (folder / name).is_dir()]
+                        and part not in ("safety_checker", "feature_extractor"))
+    missing = [part for part in components if not (folder / part).is_dir()]
     if missing:
-        yield Finding(PROBLEM, "model", f"{folder} lacks the folders {', '.join(missing)} that its"
-                      " model_index.json lists: the download is incomplete; pull it again")
+        yield Finding(PROBLEM, "model", f"{model}: {folder} lacks the folders {', '.join(missing)}"
+                      " that its model_index.json lists: the download is incomplete; pull it"
+                      " again")
         return
-    unweighted = [name for name in components if (folder / name / "config.json").exists()
-                  and _weight_bytes(folder / name) == 0]
+    unweighted = [part for part in components if (folder / part / "config.json").exists()
+                  and _weight_bytes(folder / part) == 0]
     if unweighted:
-        yield Finding(PROBLEM, "model", f"{folder}: {', '.join(unweighted)} has no weights file"
-                      " (.safetensors or .bin): the download is incomplete; pull it again")
+        yield Finding(PROBLEM, "model", f"{model}: {folder}: {', '.join(unweighted)} has no"
+                      " weights file (.safetensors or .bin): the download is incomplete; pull it"
+                      " again")
         return
     unreadable = [str(path) for path in folder.rglob("*") if not os.access(path, os.R_OK)]
     if unreadable:
-        yield Finding(PROBLEM, "model", f"this user cannot read {unreadable[0]}"
+        yield Finding(PROBLEM, "model", f"{model}: this user cannot read {unreadable[0]}"
                       + (f" and {len(unreadable) - 1} more files" if len(unreadable) > 1 else ""))
         return
     size = _weight_bytes(folder)
     kind = index.get("_class_name", "a pipeline")
     if size < DEMO_MODEL_BYTES:
-        yield Finding(WARNING, "model", f"{folder} holds a {kind} of only {size // 1024} KiB:"
-                      " the tiny demo model, whose images are noise")
+        yield Finding(WARNING, "model", f"{model}: {folder} holds a {kind} of only"
+                      f" {size // 1024} KiB: the tiny demo model, whose images are noise")
     else:
-        yield Finding(OK, "model", f"{folder} holds a {kind} ({size / 1024**3:.1f} GiB of weights)")
+        yield Finding(OK, "model", f"{model}: {folder} holds a {kind}"
+                      f" ({size / 1024**3:.1f} GiB of weights)")
+
+
+def check_models_load(config: Config) -> Iterator[Finding]:
+    """Loads each installed model's pipeline on the CPU, one at a time: what the engine does
+    at its first request for it, minus the GPU. Slow, and it needs each model's size in RAM."""
+    import gc
+
+    import diffusers
+    import torch
+    import transformers
+
+    from appliance.engine.pipeline import load_pipeline
+
+    # Their progress bars would come between doctor's lines.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    for model in Catalog(config).models():
+        if not (model.path / "model_index.json").is_file():
+            continue  # check_models has said why
+        started = time.monotonic()
+        try:
+            pipeline = load_pipeline(model.path, "cpu", torch.float32)
+        except Exception as exc:  # noqa: BLE001 - any failure to load is the finding
+            yield Finding(PROBLEM, "load", f"model {model.name!r} does not load: {exc}")
+            continue
+        seconds = time.monotonic() - started
+        kind = type(pipeline).__name__
+        del pipeline  # before the next one: two large models at once may not fit in RAM
+        gc.collect()
+        yield Finding(OK, "load", f"model {model.name!r} loads: a {kind}, on the CPU in"
+                      f" {seconds:.1f} s")
 
 
 def check_database(config: Config) -> Iterator[Finding]:
@@ -299,13 +354,13 @@ def check_service(config: Config) -> Iterator[Finding]:
         yield Finding(PROBLEM, "service", f"running (pid {pid}) but {url} does not answer: {exc}")
 
 
-CHECKS = (check_config, check_gpu, check_model, check_database, check_permissions,
+CHECKS = (check_config, check_gpu, check_models, check_database, check_permissions,
           check_service)
 
 
-def diagnose(config: Config) -> list[Finding]:
+def diagnose(config: Config, load_models: bool = False) -> list[Finding]:
     findings: list[Finding] = []
-    for check in CHECKS:
+    for check in CHECKS + ((check_models_load,) if load_models else ()):
         try:
             findings.extend(check(config))
         except Exception as exc:  # noqa: BLE001 - one broken check must not hide the others

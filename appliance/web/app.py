@@ -23,6 +23,7 @@ from appliance.web.api.auth import ApiKeyMiddleware
 from appliance.web.api.errors import EXCEPTION_HANDLERS
 from appliance.web.api.images import ImagesController
 from appliance.web.api.limits import AllowedHostsMiddleware, HostPolicy, KeyRateLimiter
+from appliance.web.api.models import list_models
 from appliance.web.api.openai_compat import OpenAIController, openai_errors_on_v1
 from appliance.web.console import ConsolePlugin
 from appliance.web.console.rendering import console_errors_under_console
@@ -48,10 +49,10 @@ def create_app(services: Services) -> Litestar:
         finally:
             await services.stop()
 
-    api = Router(path="/", route_handlers=[ImagesController, OpenAIController], middleware=[
-        DefineMiddleware(ApiKeyMiddleware, keys=services.keys,
-                         rate_limiter=KeyRateLimiter(config.limits.requests_per_minute_per_key)),
-    ])
+    api = Router(path="/", route_handlers=[ImagesController, OpenAIController, list_models],
+                 middleware=[DefineMiddleware(
+                     ApiKeyMiddleware, keys=services.keys,
+                     rate_limiter=KeyRateLimiter(config.limits.requests_per_minute_per_key))])
     return Litestar(
         route_handlers=[healthz, readyz, metrics, api],
         dependencies=dependencies(services),

@@ -16,6 +16,7 @@ from appliance.accounts.service import AccountService, AuditService, KeyService,
 from appliance.core.config import Config
 from appliance.core.database import ConnectionPool
 from appliance.engine.engine import Engine
+from appliance.jobs.catalog import Catalog
 from appliance.jobs.service import JobService
 from appliance.services import Services
 
@@ -25,6 +26,7 @@ Keys = Annotated[KeyService, Dependency()]
 SignIn = Annotated[SignInService, Dependency()]
 Jobs = Annotated[JobService, Dependency()]
 EngineDependency = Annotated[Engine, Dependency()]
+Models = Annotated[Catalog, Dependency()]
 Database = Annotated[ConnectionPool, Dependency()]
 Settings = Annotated[Config, Dependency()]
 # Set when the server begins to shut down.

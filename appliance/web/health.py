@@ -84,10 +84,13 @@ def readyz(database: Database, engine: EngineDependency,
               worker_check(engine, config.health.worker_stall_seconds)]
     summary = {check.name: check.problem or "ok" for check in checks}
     problems = [check.problem for check in checks if check.problem]
+    # Which models each worker holds: where a balancer or operator sees a swap.
+    loaded = {worker.name: sorted(worker.models.names) for worker in engine.workers}
     if problems:
-        return Response({"error": f"Not ready: {'; '.join(problems)}", "checks": summary},
+        return Response({"error": f"Not ready: {'; '.join(problems)}", "checks": summary,
+                         "models_loaded": loaded},
                         status_code=503, headers={"Retry-After": "5"})
-    return Response({"status": "ready", "checks": summary})
+    return Response({"status": "ready", "checks": summary, "models_loaded": loaded})
 
 
 # A thread of its own, one scrape at a time (reading the GPU's memory may be slow): a

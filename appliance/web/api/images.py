@@ -29,7 +29,7 @@ from appliance.web.api.schemas import (
     JobResponse,
 )
 from appliance.web.api.views import api_image_url, job_response
-from appliance.web.dependencies import Jobs, Settings, Stopping
+from appliance.web.dependencies import Jobs, Models, Settings, Stopping
 
 # How the native API names each generation parameter in its errors.
 CAMEL_NAMES = {"width": "width", "height": "height", "steps": "steps",
@@ -72,23 +72,29 @@ class ImagesController(Controller):
         status_code=200,
         sync_to_thread=True,
         summary="Generate images from text prompts",
-        description="Each image costs 1 credit, deducted for the whole request before it is"
+        description="Each image costs its model's price (1 credit unless config.toml says"
+                    " otherwise; GET /api/models), deducted for the whole request before it is"
                     " queued. Only `prompts` is required; the generation parameters default to"
-                    " config.toml's [generation] and a value outside its bounds is refused"
-                    " with 400 naming the field and the allowed range.",
+                    " the model's and a value outside config.toml's bounds is refused"
+                    " with 400 naming the field and the allowed range, as is an unknown model"
+                    " or an adapter that does not fit it.",
         responses=error_responses(400, 401, 402, 413, 415, 422, 429, 503),
         operation_class=IdempotentOperation,
     )
     def create(self, request: Request[KeyOwner, Any, Any], data: JSONBody[CreateImagesRequest],
-               jobs: Jobs, config: Settings) -> Response[CreateImagesResponse]:
+               jobs: Jobs, config: Settings, catalog: Models) -> Response[CreateImagesResponse]:
         prompts = parameters.check_prompts(data.prompts, config.limits)
+        model = catalog.model(data.model)
+        loras = parameters.check_loras(
+            catalog, model, [(lora.name, lora.scale) for lora in data.loras or ()], "loras")
         settings = parameters.settings_for(
-            config.generation, config.limits, CAMEL_NAMES,
+            config.generation, config.limits, CAMEL_NAMES, model, loras=loras,
             negative_prompt=data.negative_prompt, width=data.width, height=data.height,
             steps=data.steps, guidance_scale=data.guidance_scale)
         seed = None if data.seed is None else parameters.check_seed("seed", data.seed)
         submitted = jobs.submit(JobRequest(request.user.account_id, request.user.key_id, prompts,
-                                           settings, seed, idempotent_request(request, data)))
+                                           settings, seed, idempotent_request(request, data),
+                                           model.credits_per_image))
         return Response(
             CreateImagesResponse(
                 job_id=submitted.job_id,

@@ -25,6 +25,7 @@ from appliance.accounts.keys import KeyOwner
 from appliance.core.config import Config
 from appliance.core.errors import ApplianceError
 from appliance.jobs import parameters
+from appliance.jobs.catalog import Catalog, InstalledModel
 from appliance.jobs.models import GenerationSettings, ImageStatus, JobView
 from appliance.jobs.service import JobRequest, JobService
 from appliance.web.api.bodies import StrictJSONRequest
@@ -48,7 +49,7 @@ from appliance.web.api.schemas import (
     OpenAIModelList,
 )
 from appliance.web.api.views import api_image_url
-from appliance.web.dependencies import Jobs, Settings
+from appliance.web.dependencies import Jobs, Models, Settings
 
 PREFIX = "/v1"
 POLL_SECONDS = 0.1
@@ -81,10 +82,6 @@ class ImagesTimedOut(ApplianceError):
 
 class NoImageMade(ApplianceError):
     status = 500
-
-
-def model_id(config: Settings) -> str:
-    return config.model.path.name
 
 
 def _error(message: str, status: int, param: str | None = None,
@@ -177,12 +174,9 @@ def error_responses(*codes: int) -> dict[int, ResponseSpec]:
     return documented(OpenAIErrorBody, ERROR_MEANINGS, *codes)
 
 
-def _check_request(data: OpenAIImageRequest, config: Config
-                   ) -> tuple[list[str], GenerationSettings, int | None]:
-    if data.model is not None and data.model != model_id(config):
-        raise parameters.InvalidParameter(
-            "model", f"The model '{data.model}' is not served here; this server serves"
-                     f" '{model_id(config)}' (see GET /v1/models)")
+def _check_request(data: OpenAIImageRequest, config: Config, catalog: Catalog
+                   ) -> tuple[list[str], GenerationSettings, int | None, InstalledModel]:
+    model = catalog.model(data.model)
     limits = config.limits
     n = 1 if data.n is None else data.n
     if not 1 <= n <= limits.max_prompts_per_request:
@@ -198,10 +192,10 @@ def _check_request(data: OpenAIImageRequest, config: Config
     if data.size not in (None, "auto"):
         width, height = parameters.parse_size("size", data.size, config.generation)
     settings = parameters.settings_for(
-        config.generation, limits, SNAKE_NAMES, negative_prompt=data.negative_prompt,
+        config.generation, limits, SNAKE_NAMES, model, negative_prompt=data.negative_prompt,
         width=width, height=height, steps=data.steps, guidance_scale=data.guidance_scale)
     seed = None if data.seed is None else parameters.check_seed("seed", data.seed)
-    return [data.prompt] * n, settings, seed
+    return [data.prompt] * n, settings, seed, model
 
 
 def _b64_png(path: Path) -> str:
@@ -218,7 +212,8 @@ class OpenAIController(Controller):
         "/images/generations",
         status_code=200,
         summary="Generate images (OpenAI-compatible)",
-        description="OpenAI's images API on this server: `n` images of `prompt`, 1 credit each,"
+        description="OpenAI's images API on this server: `n` images of `prompt`, at the model's"
+                    " price each (1 credit unless config.toml says otherwise),"
                     " charged and queued like POST /api/playground/images. The answer waits"
                     " for the images, up to openai.wait_timeout seconds. `url` results point"
                     " at this server and need the same API key.",
@@ -226,12 +221,13 @@ class OpenAIController(Controller):
     )
     async def generations(self, request: Request[KeyOwner, Any, Any],
                           data: JSONBody[OpenAIImageRequest], jobs: Jobs,
-                          config: Settings) -> OpenAIImagesResponse:
-        prompts, settings, seed = _check_request(data, config)
+                          config: Settings, catalog: Models) -> OpenAIImagesResponse:
+        prompts, settings, seed, model = _check_request(data, config, catalog)
         created = int(time.time())
         account_id = request.user.account_id
         submitted = await anyio.to_thread.run_sync(jobs.submit, JobRequest(
-            account_id, request.user.key_id, prompts, settings, seed))
+            account_id, request.user.key_id, prompts, settings, seed,
+            credits_per_image=model.credits_per_image))
         job_id = submitted.job_id
         job = await self._wait(jobs, account_id, job_id, config.openai.wait_timeout)
 
@@ -268,10 +264,13 @@ class OpenAIController(Controller):
     @get(
         "/models",
         sync_to_thread=False,
-        summary="List the loaded model (OpenAI-compatible)",
+        summary="List the installed models (OpenAI-compatible)",
+        description="Every model a request may name, the default one first; broken ones are"
+                    " left out (GET /api/models says why).",
         responses=error_responses(401),
     )
-    def models(self, request: Request[KeyOwner, Any, Any], config: Settings) -> OpenAIModelList:
-        index = config.model.path / "model_index.json"
-        created = int(index.stat().st_mtime) if index.exists() else 0
-        return OpenAIModelList(data=[OpenAIModel(id=model_id(config), created=created)])
+    def models(self, request: Request[KeyOwner, Any, Any], catalog: Models) -> OpenAIModelList:
+        served = [model for model in catalog.models() if not model.problem]
+        served.sort(key=lambda model: model.name != catalog.default_name)
+        return OpenAIModelList(data=[OpenAIModel(id=model.name, created=model.created)
+                                     for model in served])

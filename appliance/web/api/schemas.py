@@ -22,15 +22,27 @@ SIZE_RULE = ("a multiple of 8 within the server's bounds (config.toml generation
              " generation.max_size, by default 64 to 1024)")
 
 
+class LoraChoice(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, doc("An installed adapter's name (GET /api/models lists them).")]
+    scale: Annotated[float, doc(
+        "How strongly it applies, -4 to 4; 1 is as trained, 0 not at all. Default 1.")] = 1.0
+
+
 class CreateImagesRequest(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     prompts: Annotated[list[str], doc("One image is made for each prompt, in order.")]
+    model: Annotated[str, doc(
+        "An installed model's name (GET /api/models); omitted: the server's default model."
+        " The model also sets the defaults of the parameters below, and the price of each"
+        " image.")] | None = None
+    loras: Annotated[list[LoraChoice], doc(
+        "LoRA adapters to apply, at most 5, each installed for this model.")] | None = None
     negative_prompt: Annotated[str, doc(
         "What the images should not show; applies to every prompt. Blank means"
         " none.")] | None = None
     width: Annotated[int, doc(
-        f"Width in pixels: {SIZE_RULE}. Default: config.toml generation.width.")] | None = None
+        f"Width in pixels: {SIZE_RULE}. Default: the model's (GET /api/models).")] | None = None
     height: Annotated[int, doc(
-        f"Height in pixels: {SIZE_RULE}. Default: config.toml generation.height.")] | None = None
+        f"Height in pixels: {SIZE_RULE}. Default: the model's.")] | None = None
     steps: Annotated[int, doc(
         "Denoising steps, within generation.min_steps to generation.max_steps (by default 1 "
         "to 100). Default: generation.steps.")] | None = None
@@ -72,6 +84,10 @@ class JobParameters(msgspec.Struct, rename="camel"):
     seed: Annotated[int, doc(
         "The base seed asked for; null when each image drew a random seed (see each image's "
         "seed).")] | None
+    model: Annotated[str, doc(
+        "The model that makes the images; null for jobs from before models had names.")] | None
+    loras: list[LoraChoice]
+    credits_per_image: int
 
 
 class JobResponse(msgspec.Struct, rename="camel"):
@@ -132,8 +148,8 @@ class OpenAIErrorBody(msgspec.Struct):
 class OpenAIImageRequest(msgspec.Struct, forbid_unknown_fields=True):
     prompt: Annotated[str, doc("The text to make images of.")]
     n: Annotated[int, doc(
-        "How many images, 1 to limits.max_prompts_per_request; each costs 1 credit. Default "
-        "1.")] | None = None
+        "How many images, 1 to limits.max_prompts_per_request; each costs the model's price"
+        " (1 credit unless config.toml says otherwise). Default 1.")] | None = None
     size: Annotated[str, doc(
         f"WIDTHxHEIGHT, each {SIZE_RULE}. Default (or auto): the server's generation.width x "
         f"generation.height.")] | None = None
@@ -141,7 +157,7 @@ class OpenAIImageRequest(msgspec.Struct, forbid_unknown_fields=True):
         "b64_json (the default here): the PNG inline, base64; url: the image's URL on this "
         "server, fetched with the same API key.")] | None = None
     model: Annotated[str, doc(
-        "The model's id from GET /v1/models; omit for the loaded model.")] | None = None
+        "The model's id from GET /v1/models; omit for the server's default model.")] | None = None
     user: Annotated[str, doc("Accepted for compatibility and ignored.")] | None = None
     quality: Annotated[str, doc("Accepted for compatibility and ignored.")] | None = None
     style: Annotated[str, doc("Accepted for compatibility and ignored.")] | None = None
@@ -176,3 +192,33 @@ class OpenAIModel(msgspec.Struct):
 class OpenAIModelList(msgspec.Struct):
     data: list[OpenAIModel]
     object: Literal["list"] = "list"
+
+
+# GET /api/models: the installed models, as a client picks one.
+
+class ModelParameters(msgspec.Struct, rename="camel"):
+    """What a request for the model gets where it names no value."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+
+
+class ModelInfo(msgspec.Struct, rename="camel", omit_defaults=True):
+    name: str
+    default: Annotated[bool, doc("Whether a request that names no model gets this one.")]
+    pipeline: Annotated[str, doc("The diffusers pipeline class, e.g. StableDiffusionXLPipeline.")]
+    credits_per_image: int
+    parameters: ModelParameters
+    loaded_on: Annotated[list[str], doc(
+        "The engine workers that hold it now; a request for another model waits for a"
+        " load.")]
+    loras: Annotated[list[str], doc("The installed LoRA adapters made for it.")]
+    problem: Annotated[str, doc(
+        "Why requests for it are refused (its folder is broken); absent when it can be"
+        " served.")] | None = None
+
+
+class ModelList(msgspec.Struct):
+    models: list[ModelInfo]

@@ -8,7 +8,7 @@ from litestar import Request
 
 from appliance.jobs.models import ImageView, JobView
 from appliance.web.api.limits import absolute_url
-from appliance.web.api.schemas import JobImage, JobParameters, JobResponse
+from appliance.web.api.schemas import JobImage, JobParameters, JobResponse, LoraChoice
 
 # (job id, image index) -> where the owner fetches that image's PNG
 ImageUrl = Callable[[str, int], str]
@@ -58,5 +58,8 @@ def job_response(job: JobView, image_url: ImageUrl) -> JobResponse:
             steps=settings.steps,
             guidance_scale=settings.guidance_scale,
             seed=job.seed,
+            model=settings.model or None,
+            loras=[LoraChoice(name, scale) for name, scale in settings.loras],
+            credits_per_image=job.credits_per_image,
         ),
     )

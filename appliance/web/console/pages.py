@@ -17,8 +17,9 @@ from appliance.core.clock import utc_clock
 from appliance.core.config import Config
 from appliance.core.errors import ApplianceError, BadRequest, InsufficientCredits, NotFound
 from appliance.core.numbers import row_id
-from appliance.jobs.parameters import check_prompts
-from appliance.jobs.service import JobRequest, JobService
+from appliance.jobs.catalog import Catalog
+from appliance.jobs.parameters import LORA_SCALE, check_loras, check_prompts, settings_for
+from appliance.jobs.service import JobRequest
 from appliance.web.api.views import job_response
 from appliance.web.console.gallery_query import (
     IMAGES_PER_PAGE,
@@ -29,7 +30,7 @@ from appliance.web.console.gallery_query import (
 from appliance.web.console.rendering import page
 from appliance.web.console.security import actor
 from appliance.web.console.usage_charts import usage_pictures
-from appliance.web.dependencies import Accounts, Jobs, Keys, Settings
+from appliance.web.dependencies import Accounts, Jobs, Keys, Models, Settings
 
 Form = Body(media_type=RequestEncodingType.URL_ENCODED)
 
@@ -42,6 +43,32 @@ class KeyForm:
 @dataclass
 class PlaygroundForm:
     prompts: str = ""
+    # Empty in a form from before there were several models: the default model.
+    model: str = ""
+    # One LoRA adapter at most from the playground ("" for none); its scale is
+    # read here rather than by the form parser, so that a bad one gets this page.
+    lora: str = ""
+    lora_scale: str = "1.0"
+
+
+# The API's names for what the playground's fields ask, in its refusals.
+API_FIELD_NAMES = {"prompts[": "prompt line [", "lora[0].name": "lora",
+                   "lora[0].scale": "lora_scale"}
+
+
+def chosen_loras(form: PlaygroundForm) -> list[tuple[str, float]]:
+    """The adapter the form asks for, as check_loras reads requests."""
+    if not form.lora:
+        return []
+    try:
+        scale = float(form.lora_scale)
+    except ValueError:
+        raise BadRequest(f"'lora_scale' is {form.lora_scale!r}; it must be a number") from None
+    return [(form.lora, scale)]
+
+
+def price_text(credits: int) -> str:
+    return f"{credits} credit" if credits == 1 else f"{credits} credits"
 
 
 def prompt_lines(text: str) -> list[str]:
@@ -117,35 +144,49 @@ class ConsolePages(Controller):
 
     @get("/playground", name="console.playground", sync_to_thread=True)
     def playground(self, request: Request[Account, Any, Any], accounts: Accounts,
-                   jobs: Jobs, config: Settings) -> Template:
-        return self._playground_page(request, accounts, jobs, config)
+                   catalog: Models, config: Settings) -> Template:
+        return self._playground_page(request, accounts, catalog, config)
 
     @post("/playground", sync_to_thread=True)
     def submit(self, request: Request[Account, Any, Any], data: Annotated[PlaygroundForm, Form],
-               accounts: Accounts, jobs: Jobs, config: Settings) -> Template | Redirect:
+               accounts: Accounts, jobs: Jobs, config: Settings,
+               catalog: Models) -> Template | Redirect:
         try:
             prompts = check_prompts(prompt_lines(data.prompts), config.limits)
+            model = catalog.model(data.model or None)
+            loras = check_loras(catalog, model, chosen_loras(data), "lora")
+            settings = settings_for(config.generation, config.limits, {}, model, loras=loras)
             # A console job has no API key: the account itself asked for it.
-            submitted = jobs.submit(JobRequest(request.user.id, None, prompts,
-                                               jobs.default_settings))
+            submitted = jobs.submit(JobRequest(request.user.id, None, prompts, settings,
+                                               credits_per_image=model.credits_per_image))
         except ApplianceError as exc:
             message = exc.message
-            if isinstance(exc, BadRequest) and "prompts[" in message:
-                message = message.replace("prompts[", "prompt line [")
+            if isinstance(exc, BadRequest):
+                for api_name, field_name in API_FIELD_NAMES.items():
+                    message = message.replace(api_name, field_name)
             # Said with the refusal: where more credits come from (the template words it
             # for an admin, who grants them, or for anyone else, who asks one).
-            return self._playground_page(request, accounts, jobs, config, status_code=exc.status,
-                                         error=message, prompts=data.prompts,
+            return self._playground_page(request, accounts, catalog, config,
+                                         status_code=exc.status,
+                                         error=message, form=data,
                                          credits_needed=isinstance(exc, InsufficientCredits))
         return Redirect(f"/console/jobs/{submitted.job_id}", status_code=303)
 
     @staticmethod
     def _playground_page(request: Request[Account, Any, Any], accounts: AccountService,
-                         jobs: JobService, config: Config, status_code: int = 200,
-                         **context: Any) -> Template:
+                         catalog: Catalog, config: Config, status_code: int = 200,
+                         form: PlaygroundForm | None = None, **context: Any) -> Template:
+        form = form or PlaygroundForm()
+        # Only models a job can be made with; a broken one is on the System page.
+        models = [model for model in catalog.models() if not model.problem]
+        by_name = {model.name: model for model in models}
+        # The one asked for before a refusal, else the default, else any that works.
+        selected = (by_name.get(form.model) or by_name.get(catalog.default_name)
+                    or next(iter(models), None))
         return page(request, "playground.html", status_code=status_code,
-                    balance=accounts.get(request.user.id).credits,
-                    limits=config.limits, settings=jobs.default_settings, **context)
+                    balance=accounts.get(request.user.id).credits, limits=config.limits,
+                    models=models, selected=selected, loras=catalog.loras(),
+                    lora_scale_bounds=LORA_SCALE, price_text=price_text, form=form, **context)
 
     # Gallery and job pages: only ever the signed-in account's own jobs.
 

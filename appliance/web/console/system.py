@@ -1,4 +1,4 @@
-"""The admins' system page: the engine, the queue, the model, the disk and the database, live.
+"""The admins' system page: the engine, the queue, the models, the disk and the database, live.
 
 The same figures as /metrics, in words and small charts. The page renders
 whole without script; static/system.js refreshes its figures from
@@ -23,10 +23,11 @@ from appliance.core.config import Config
 from appliance.core.version import package_version
 from appliance.engine.engine import Engine
 from appliance.engine.metrics import EngineStatus, ImageRate, WorkerStatus
+from appliance.jobs.catalog import Catalog
 from appliance.web.console.charts import Bar, column_chart
 from appliance.web.console.rendering import page
 from appliance.web.console.security import admins_only
-from appliance.web.dependencies import Accounts, EngineDependency, Settings
+from appliance.web.dependencies import Accounts, EngineDependency, Models, Settings
 from appliance.web.health import existing_folder
 
 # How often system.js asks for fresh figures; it reads this from the page.
@@ -65,6 +66,30 @@ def batch_text(worker: WorkerStatus) -> str:
             f" steps, guidance {settings.guidance_scale:g}{more}")
 
 
+def held_models_text(worker: WorkerStatus) -> str:
+    return ", ".join(f"{name} ({size_text(size)})" for name, size in worker.models) or "none"
+
+
+def budget_text(worker: WorkerStatus) -> str:
+    # The budget is worked out at the worker's first load.
+    return "not known yet" if worker.model_budget_bytes is None else size_text(
+        worker.model_budget_bytes)
+
+
+def installed_models(catalog: Catalog, status: EngineStatus) -> list[dict[str, Any]]:
+    """Every installed model, with the workers that hold it now."""
+    held_by: dict[str, list[str]] = {}
+    for worker in status.workers:
+        for name, _ in worker.models:
+            held_by.setdefault(name, []).append(worker.name)
+    return [{
+        "name": model.name, "default": model.name == catalog.default_name,
+        "pipeline": model.pipeline, "creditsPerImage": model.credits_per_image,
+        "loadedOn": held_by.get(model.name, []), "problem": model.problem,
+        "loadedText": ", ".join(held_by.get(model.name, [])) or "not loaded",
+    } for model in catalog.models()]
+
+
 def file_size(path: Path) -> int:
     """A SQLite database's size on disk: the file and its write-ahead log, when there is one."""
     total = 0
@@ -95,7 +120,8 @@ class SystemFigures:
     status: EngineStatus
 
 
-def system_figures(engine: Engine, config: Config, accounts: AccountService) -> SystemFigures:
+def system_figures(engine: Engine, config: Config, accounts: AccountService,
+                   catalog: Catalog) -> SystemFigures:
     status = engine.status()
     workers = [{
         "name": worker.name, "device": worker.device, "state": worker_state(worker),
@@ -105,6 +131,9 @@ def system_figures(engine: Engine, config: Config, accounts: AccountService) -> 
             "size": worker.batch_size, "width": worker.batch_settings.width,
             "height": worker.batch_settings.height, "steps": worker.batch_settings.steps,
             "guidanceScale": worker.batch_settings.guidance_scale},
+        "models": [{"name": name, "bytes": size} for name, size in worker.models],
+        "modelBudgetBytes": worker.model_budget_bytes,
+        "modelsText": held_models_text(worker), "budgetText": budget_text(worker),
     } for worker in status.workers]
     memory: dict[str, dict[str, float]] = {}
     for device, kind, value in status.gpu_memory:
@@ -130,6 +159,7 @@ def system_figures(engine: Engine, config: Config, accounts: AccountService) -> 
         "model": {"path": str(config.model.path), "dtype": config.model.dtype,
                   "device": config.model.device, "state": model_state},
         "workers": workers,
+        "models": installed_models(catalog, status),
         "gpu": {"cuda": bool(gpus), "devices": gpus},
         "images": {"lastMinute": minute, "lastHour": hour,
                    "perSecondLastMinute": round(minute / ImageRate.MINUTE, 3),
@@ -164,13 +194,14 @@ class SystemPages(Controller):
 
     @get("/system", name="console.admin.system", sync_to_thread=True)
     def system(self, request: Request[Account, Any, Any], engine: EngineDependency,
-               config: Settings, accounts: Accounts) -> Template:
-        figures = system_figures(engine, config, accounts)
+               config: Settings, accounts: Accounts, catalog: Models) -> Template:
+        figures = system_figures(engine, config, accounts, catalog)
         return page(request, "system.html", figures=figures.data, text=figures.text,
                     sparkline=sparkline(figures.status.images_per_minute),
+                    model_dir=config.model.dir,
                     refresh_seconds=REFRESH_SECONDS)
 
     @get("/system.json", sync_to_thread=True)
-    def system_json(self, engine: EngineDependency, config: Settings,
-                    accounts: Accounts) -> dict[str, Any]:
-        return system_figures(engine, config, accounts).data
+    def system_json(self, engine: EngineDependency, config: Settings, accounts: Accounts,
+                    catalog: Models) -> dict[str, Any]:
+        return system_figures(engine, config, accounts, catalog).data

@@ -12,11 +12,15 @@
   var live = note;
   var SVG = "http://www.w3.org/2000/svg";
 
-  function cell(row, text, className) {
+  // `label` names the cell where a narrow window shows a row as lines (see console.css).
+  function cell(row, text, className, label) {
     var td = document.createElement("td");
     td.textContent = text;
     if (className) {
       td.className = className;
+    }
+    if (label) {
+      td.setAttribute("data-label", label);
     }
     row.appendChild(td);
   }
@@ -72,11 +76,28 @@
       }
     });
     fill("workers", figures.workers, function (row, worker) {
-      cell(row, worker.name, "mono small");
-      cell(row, worker.device, "mono");
-      cell(row, worker.state, "state-" + (worker.busy ? "busy" : worker.state === "idle" ? "idle" : "down"));
-      cell(row, String(worker.maxBatchSize), "num");
-      cell(row, worker.batchText);
+      cell(row, worker.name, "mono small title");
+      cell(row, worker.device, "mono", "Device");
+      cell(row, worker.state, "state-" + (worker.busy ? "busy" : worker.state === "idle" ? "idle" : "down"),
+           "State");
+      cell(row, String(worker.maxBatchSize), "num", "Batch size");
+      cell(row, worker.batchText, "", "Current batch");
+      cell(row, worker.modelsText, "", "Models held");
+      cell(row, worker.budgetText, "num", "Model budget");
+    });
+    fill("models", figures.models, function (row, model) {
+      cell(row, model.name, "mono title");
+      if (model["default"]) {
+        var badge = document.createElement("span");
+        badge.className = "badge";
+        badge.textContent = "default";
+        row.firstChild.appendChild(document.createTextNode(" "));
+        row.firstChild.appendChild(badge);
+      }
+      cell(row, model.pipeline || "—", "mono small", "Pipeline");
+      cell(row, String(model.creditsPerImage), "num", "Credits/image");
+      cell(row, model.loadedText, "", "Loaded on");
+      cell(row, model.problem || "none", model.problem ? "state-down" : "muted", "Problem");
     });
     var waiting = figures.queue.byAccount;
     fill("queue", waiting.length ? waiting : [null], function (row, entry) {
