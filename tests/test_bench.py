@@ -152,3 +152,29 @@ def test_the_server_gets_the_benchmarks_settings_with_paths_absolute(tmp_path):
     # A default outside the file's request bounds still makes a server that starts.
     assert sections["generation"]["steps"] == 150
     assert config_from_dict(sections, base_dir=tmp_path).generation.max_steps >= 150
+
+
+@pytest.mark.system
+def test_the_models_benchmark_times_loads_and_each_run_against_one_model(tmp_path, capsys):
+    results = tmp_path / "models.json"
+    code = main(["bench-models", "--device", "cpu", "--width", "64", "--steps", "1",
+                 "--batch-size", "2", "--images", "4", "--job-size", "2", "--loads", "1",
+                 "--rounds", "1", "--swap-seconds", "0", "--json", str(results)])
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed)
+    assert code == 0
+    result = json.loads(results.read_text())
+    runs = result["runs"]
+    assert list(runs) == ["one model", "two models, both loaded", "two models, one at a time"]
+    assert all(run["images"] == 4 and run["images_per_second"] > 0 for run in runs.values())
+    # One model: loaded once; two that fit: each once; one at a time: the second load
+    # unloads the first (and, with no wait allowed, more swaps may follow).
+    assert (runs["one model"]["loads"], runs["one model"]["unloads"]) == (1, 0)
+    assert (runs["two models, both loaded"]["loads"],
+            runs["two models, both loaded"]["unloads"]) == (2, 0)
+    one_at_a_time = runs["two models, one at a time"]
+    assert one_at_a_time["loads"] >= 2 and one_at_a_time["unloads"] == one_at_a_time["loads"] - 1
+    assert all(len(seconds) == 1 and seconds[0] > 0
+               for seconds in result["load_seconds"].values())
+    assert "x one model" in printed and "load (swap cost) of model-a" in printed

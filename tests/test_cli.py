@@ -199,7 +199,7 @@ def test_the_real_command_exits_with_its_status_and_one_line(config_file):
     assert unknown.stderr == (
         "appliance: argument COMMAND: invalid choice: 'frobnicate' (choose from 'init', 'serve',"
         " 'accounts', 'credits', 'keys', 'models', 'generate', 'backup', 'restore', 'doctor',"
-        " 'bench', 'bench-api') (see appliance --help)\n")
+        " 'bench', 'bench-api', 'bench-models') (see appliance --help)\n")
 
     refused = run(config_file, "keys", "create", "nobody@example.com", "--name", "x")
     assert (refused.returncode, refused.stdout) == (1, "")

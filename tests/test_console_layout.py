@@ -142,11 +142,22 @@ def nav_links_reachable(page, shot: str = "") -> list[str]:
     return labels
 
 
-def readme_shot(page, name: str) -> None:
-    """The page as it stands, 1280 px wide, as the README shows it."""
+# Where the README's pictures say the checkout is, in place of the test's temporary folder.
+SHOWN_CHECKOUT = "/srv/ai-media-maker"
+
+
+def readme_shot(page, name: str, folder: Path) -> None:
+    """The page as it stands, 1280 px wide, as the README shows it: paths in the test's
+    `folder` are shown in SHOWN_CHECKOUT."""
     README_SHOTS.mkdir(parents=True, exist_ok=True)
     page.set_viewport_size({"width": 1280, "height": 800})
     wait_until(page, IMAGES_LOADED)
+    page.evaluate("""([folder, shown]) => {
+        const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            node.textContent = node.textContent.split(folder).join(shown);
+        }
+    }""", [str(folder), SHOWN_CHECKOUT])
     page.screenshot(path=str(README_SHOTS / f"{name}.png"), full_page=True)
 
 
@@ -188,7 +199,7 @@ def test_every_console_page_fits_390_and_1280_pixels(fresh_server):
         widths.check("api-keys-created")
         # Not even a test server's key goes into the README's picture.
         page.evaluate("document.querySelector('#new-key').value = 'wi_live_' + '\u2022'.repeat(56)")
-        readme_shot(page, "api-keys-new-key")
+        readme_shot(page, "api-keys-new-key", config.parent)
 
         job_ids = make_jobs(base, key, 3)
         for name, path in [("dashboard", "/console"), ("api-keys", "/console/api-keys"),
@@ -199,7 +210,7 @@ def test_every_console_page_fits_390_and_1280_pixels(fresh_server):
                            ("system", "/console/admin/system")]:
             widths.visit(name, path)
             if name in ("dashboard", "gallery", "system"):
-                readme_shot(page, name)
+                readme_shot(page, name, config.parent)
         widths.visit("not-found", "/console/no-such-page", status=404)
 
         # With keys, the form is closed until Add Key opens it; a second click keeps it open.

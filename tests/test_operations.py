@@ -410,7 +410,7 @@ def installed_models(tmp_path, tiny_model, make_config):
 
 
 def test_doctor_checks_every_installed_model_by_name(installed_models):
-    model_dir = installed_models.model.dir
+    model_dir = installed_models.models_dir
     findings = [(f.level, f.text) for f in check_models(installed_models)]
 
     tiny = "holds a StableDiffusionPipeline of only"
@@ -428,7 +428,7 @@ def test_doctor_names_a_missing_default_model_and_adapters_for_missing_models(
     lora.mkdir(parents=True)
     (lora / "ink.safetensors").write_bytes(b"weights")
     (lora / "lora.json").write_text(json.dumps({"base_models": ["beta", "gamma", "delta"]}))
-    config = make_config(model={"dir": str(installed_models.model.dir),
+    config = make_config(model={"dir": str(installed_models.models_dir),
                                 "path": str(installed_models.model.path),
                                 "lora_dir": str(tmp_path / "loras"), "default": "omega"})
 
@@ -442,20 +442,20 @@ def test_doctor_names_a_missing_default_model_and_adapters_for_missing_models(
 
 
 def test_doctor_loads_each_model_when_asked(installed_models):
-    shutil.rmtree(installed_models.model.dir / "beta")  # one good model is enough, and faster
+    shutil.rmtree(installed_models.models_dir / "beta")  # one good model is enough, and faster
     findings = [(f.level, f.text) for f in check_models_load(installed_models)]
 
     assert [level for level, _ in findings] == [OK, PROBLEM]
     assert re.fullmatch(r"model 'alpha' loads: a StableDiffusionPipeline, on the CPU in"
                         r" \d+\.\d s", findings[0][1])
     assert findings[1][1].startswith("model 'broken' does not load: Could not load the model in"
-                                     f" {installed_models.model.dir / 'broken'}")
+                                     f" {installed_models.models_dir / 'broken'}")
 
 
 def test_doctor_runs_the_load_check_only_with_its_option(tmp_path, installed_models):
-    shutil.rmtree(installed_models.model.dir / "beta")
+    shutil.rmtree(installed_models.models_dir / "beta")
     config_path = tmp_path / "doctor.toml"
-    config_path.write_text(f'[model]\ndir = "{installed_models.model.dir}"\n'
+    config_path.write_text(f'[model]\ndir = "{installed_models.models_dir}"\n'
                            f'path = "{installed_models.model.path}"\ndevice = "cpu"\n'
                            f'[storage]\ndata_dir = "{tmp_path / "state"}"\n')
 

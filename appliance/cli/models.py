@@ -118,7 +118,7 @@ def pull(config: Config, repo_id: str, name: str | None, revision: str | None) -
                            " and '-', starting with a letter or digit, at most 100 characters"
                            " (pass NAME after REPO_ID)")
     installed = {model.name: model for model in Catalog(config).models()}
-    target = config.model.dir / name
+    target = config.models_dir / name
     if name in installed and installed[name].path.exists():
         raise CommandError(f"a model named {name!r} is already installed: remove it first"
                            f" (appliance models remove {name})")
@@ -132,7 +132,7 @@ def pull(config: Config, repo_id: str, name: str | None, revision: str | None) -
     from appliance.engine.hub import ModelPullError
     from appliance.engine.hub import pull as pull_model
 
-    staging = config.model.dir / f"{PULLING_PREFIX}{name}"
+    staging = config.models_dir / f"{PULLING_PREFIX}{name}"
     source = staging / PULL_SOURCE
     wanted = f"{repo_id}@{revision or ''}"
     try:
@@ -179,7 +179,7 @@ def remove(config: Config, name: str, yes: bool) -> None:
     if name == catalog.default_name:
         raise CommandError(f"{name!r} is the default model: set model.default to another one"
                            " in the config file first")
-    model_dir = config.model.dir
+    model_dir = config.models_dir
     if not _same_place(model.path.parent, model_dir):
         raise CommandError(f"{name!r} is model.path ({model.path}), outside model.dir"
                            f" ({model_dir}): change model.path in the config file instead")

@@ -282,26 +282,27 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    dir: Path = setting(
-        Path("models"),
-        "Folder of installed models: each folder in it that holds a diffusers pipeline"
-        " (model_index.json inside) is a model, named by its folder, which a request may ask"
-        " for by that name. Install one with `appliance models pull REPO_ID NAME`; a model"
-        " added or removed is seen within seconds, without a restart.")
     path: Path = setting(
         Path("models/demo"),
-        "A model served even when it is not in model.dir, named by its folder. When the"
-        " folder does not exist, the service creates the built-in tiny demo model there; its"
-        " images are noise.")
+        "The default model's folder, a diffusers text-to-image pipeline (model_index.json"
+        " inside), named by its folder. When the folder does not exist, the service creates"
+        " the built-in tiny demo model there; its images are noise.")
+    dir: str = setting(
+        "",
+        "Folder of installed models: each folder in it that holds a diffusers pipeline is a"
+        " model, named by its folder, which a request may ask for by that name. Empty: the"
+        " folder that holds model.path. Install one with `appliance models pull REPO_ID"
+        " NAME`; a model added or removed is seen within seconds, without a restart.")
     default: str = setting(
         "",
         "The name of the model a request that names none gets; empty: the model in"
         " model.path.")
-    lora_dir: Path = setting(
-        Path("loras"),
+    lora_dir: str = setting(
+        "",
         "Folder of LoRA adapters a request may apply (\"loras\": [{\"name\": ..., \"scale\":"
         " ...}]): each folder in it holds a diffusers LoRA file (*.safetensors) and a"
-        " lora.json naming the models it fits, {\"base_models\": [\"NAME\", ...]}.")
+        " lora.json naming the models it fits, {\"base_models\": [\"NAME\", ...]}. Empty:"
+        " \"loras\" beside the models folder.")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
                           check_device)
     dtype: str = setting(
@@ -639,6 +640,18 @@ class Config:
     @property
     def secret_file(self) -> Path:
         return self.storage.data_dir / "secret_key"
+
+    @property
+    def models_dir(self) -> Path:
+        """model.dir, or the folder that holds model.path (so an install made before
+        model.dir existed finds the models beside its default one)."""
+        return self.resolve(self.model.dir) if self.model.dir else self.model.path.parent
+
+    @property
+    def loras_dir(self) -> Path:
+        """model.lora_dir, or "loras" beside the models folder."""
+        return (self.resolve(self.model.lora_dir) if self.model.lora_dir
+                else self.models_dir.parent / "loras")
 
     def resolve(self, text: str) -> Path:
         """A path from a string setting (engine.tiny_vae, where empty means none),

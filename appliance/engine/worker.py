@@ -149,6 +149,7 @@ class Worker(threading.Thread):
     def _generator_for(self, batch: list[QueuedImage]) -> ImageGenerator | None:
         """The batch's model, loaded; None when it cannot be, after failing the batch."""
         name = batch[0].settings.model or self.default_model
+        loads = self.models.loads
         try:
             return self.models.get(name)
         except Exception as exc:  # noqa: BLE001 - any load failure fails the images, refunded
@@ -160,7 +161,9 @@ class Worker(threading.Thread):
             self._batch_ended(batch, None, [], {item: problem for item in batch})
             return None
         finally:
-            self.heartbeat = time.monotonic()
+            if self.models.loads != loads:
+                # A load, however long, is the worker at work, not a hung batch.
+                self.heartbeat = time.monotonic()
 
     def process(self, generator: ImageGenerator, batch: list[QueuedImage]) -> None:
         """Starts the batch; it ends later, on a writer thread (see _batch_ended)."""

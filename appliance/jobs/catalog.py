@@ -175,7 +175,7 @@ class Catalog:
 
     def _scan_models(self) -> dict[str, InstalledModel]:
         folders: dict[str, Path] = {}
-        model_dir = self.config.model.dir
+        model_dir = self.config.models_dir
         if model_dir.is_dir():
             for folder in sorted(model_dir.iterdir()):
                 if NAME.fullmatch(folder.name) and (folder / "model_index.json").is_file():
@@ -221,7 +221,7 @@ class Catalog:
 
     def _scan_loras(self) -> dict[str, InstalledLora]:
         loras: dict[str, InstalledLora] = {}
-        lora_dir = self.config.model.lora_dir
+        lora_dir = self.config.loras_dir
         if not lora_dir.is_dir():
             return loras
         for folder in sorted(lora_dir.iterdir()):

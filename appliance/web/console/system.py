@@ -198,7 +198,7 @@ class SystemPages(Controller):
         figures = system_figures(engine, config, accounts, catalog)
         return page(request, "system.html", figures=figures.data, text=figures.text,
                     sparkline=sparkline(figures.status.images_per_minute),
-                    model_dir=config.model.dir,
+                    model_dir=config.models_dir,
                     refresh_seconds=REFRESH_SECONDS)
 
     @get("/system.json", sync_to_thread=True)
