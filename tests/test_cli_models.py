@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from appliance.core.numbers import size_text
 from appliance.engine import hub
-from appliance.web.console.system import size_text
 
 from .cli_helpers import invoke
 

@@ -37,7 +37,7 @@ def _disk_bytes(folder: Path) -> int:
 
 
 def _model_row(model: InstalledModel, default_name: str, demo_path: Path) -> tuple[str, ...]:
-    from appliance.web.console.system import size_text
+    from appliance.core.numbers import size_text
 
     name = f"{model.name} (default)" if model.name == default_name else model.name
     problem = model.problem or ""

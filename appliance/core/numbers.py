@@ -43,3 +43,12 @@ def row_id(text: str) -> int | None:
         return whole_number(text, 0, LARGEST_INTEGER)
     except ValueError:
         return None
+
+
+def size_text(count: float) -> str:
+    """Bytes as a person reads them: 1023 B, 4.0 KiB, 12.3 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from appliance.core.numbers import size_text
+
 log = logging.getLogger(__name__)
-
-GIB = 2**30
-
 
 class Generator(Protocol):
     def generate(self, prompts, seeds, settings): ...
@@ -90,8 +89,8 @@ class LoadedModels:
         self.loaded_at = time.monotonic()
         seconds = time.perf_counter() - started
         self.load_seconds += seconds
-        log.info("loaded the model %s on %s in %.1f s (%.2f GiB; budget %.2f GiB)%s", name,
-                 self.device, seconds, size / GIB, (self.budget_bytes or 0) / GIB,
+        log.info("loaded the model %s on %s in %.1f s (%s; budget %s)%s", name,
+                 self.device, seconds, size_text(size), size_text(self.budget_bytes or 0),
                  f"; unloaded {', '.join(evicted)} to make room" if evicted else "",
                  extra={"event": "model.loaded", "model": name, "seconds": round(seconds, 3),
                         "unloaded": evicted})

@@ -20,6 +20,7 @@ from markupsafe import Markup
 from appliance.accounts.accounts import Account
 from appliance.accounts.service import AccountService
 from appliance.core.config import Config
+from appliance.core.numbers import size_text
 from appliance.core.version import package_version
 from appliance.engine.engine import Engine
 from appliance.engine.metrics import EngineStatus, ImageRate, WorkerStatus
@@ -33,15 +34,6 @@ from appliance.web.health import existing_folder
 # How often system.js asks for fresh figures; it reads this from the page.
 REFRESH_SECONDS = 5
 SPARKLINE = "sparkline"
-
-
-def size_text(count: float) -> str:
-    """Bytes as a person reads them: 1023 B, 4.0 KiB, 12.3 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 def rate_text(images: int, seconds: int) -> str:
