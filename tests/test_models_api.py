@@ -127,6 +127,9 @@ def test_each_model_makes_its_own_images_at_its_price(client):
     # The default model when none is named, at its own price.
     job = client.wait_for_job(key, post(client, key).json()["jobId"])
     assert job["parameters"]["model"] == "tiny" and client.balance(owner) == 13
+    # Short of the price of every image: 402, nothing charged (5 xl images cost 15).
+    refused = post(client, key, model="xl", prompts=["a", "b", "c", "d", "e"])
+    assert refused.status_code == 402 and client.balance(owner) == 13
     # The worker now holds both (the tiny ones fit the default budget together).
     models = {m["name"]: m for m in client.http.get("/api/models",
                                                     headers=bearer(key)).json()["models"]}
