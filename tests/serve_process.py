@@ -18,11 +18,12 @@ from appliance.bench.serving import answers_ok, free_port
 STARTUP_TIMEOUT = 120.0
 
 
-def write_config(folder: Path, model: Path, **sections: dict) -> Path:
-    """A config.toml in `folder` serving the tiny model on a free port; `sections` add to it."""
+def write_config(folder: Path, model_path: Path, /, **sections: dict) -> Path:
+    """A config.toml in `folder` serving the tiny model on a free port; `sections` add to it
+    (a [model] section too)."""
     settings: dict[str, dict] = {
         "server": {"port": free_port()},
-        "model": {"path": str(model), "device": "cpu"},
+        "model": {"path": str(model_path), "device": "cpu"},
         "generation": {"width": 64, "height": 64, "steps": 2},
     }
     for name, values in sections.items():

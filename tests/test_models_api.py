@@ -11,10 +11,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from litestar.testing import TestClient
 from PIL import Image
 
+from appliance.accounts import accounts, audit, keys
 from appliance.core.config import config_from_dict
 from appliance.core.database import ConnectionPool
 from appliance.engine.loaded_models import weights_on_disk
@@ -23,6 +25,7 @@ from appliance.services import Services
 from appliance.web.app import create_app
 
 from .helpers import TEST_GENERATION, Client, bearer
+from .serve_process import ServeProcess, write_config
 
 URL = "/api/playground/images"
 
@@ -214,33 +217,55 @@ def test_a_broken_model_fails_its_images_with_a_refund_and_the_others_keep_servi
     assert job["status"] == "completed" and client.balance(account) == 9
 
 
-@pytest.mark.system  # a few seconds of real pipelines, swapping
+@pytest.mark.system  # a real server process and a few seconds of real pipelines, swapping
 def test_two_real_models_under_a_budget_for_one_take_turns_and_finish_every_image(
-        make_client, make_config, installed, tiny_model):
+        tmp_path, installed, tiny_model, launcher):
     sizes = [weights_on_disk(tiny_model, "float32"),
              weights_on_disk(installed["models"] / "xl", "float32")]
     # Room for the larger of the two, not for both.
     budget = max(sizes) + min(sizes) // 2
-    client = make_client(app_config=models_config(make_config, installed, engine={
-        "gpu_memory_budget": f"{budget}B", "model_swap_seconds": 0.2, "batch_size": 2}))
-    jobs = []
-    for n in range(3):
-        key = client.key(client.account(f"user{n}@example.com", credits=30))
-        for model in ("tiny", "xl", "tiny"):
-            response = post(client, key, model=model, prompts=[f"{model} {n} {i}"
-                                                               for i in range(3)])
-            assert response.status_code == 200
-            jobs.append((key, response.json()["jobId"], model))
-    finished: dict[str, list[str]] = {"tiny": [], "xl": []}
-    for key, job_id, model in jobs:
-        job = client.wait_for_job(key, job_id)
-        assert job["status"] == "completed" and job["completedImages"] == 3
-        assert job["parameters"]["model"] == model
-        finished[model].append(job["finishedAt"])
-    loaded = client.services.engine.workers[0].models
-    # tiny at start, then xl (unloading tiny), and at least one swap back.
-    assert loaded.loads >= 3 and loaded.unloads == loaded.loads - 1
-    assert len(loaded.names) == 1
+    config = write_config(tmp_path, tiny_model, **{
+        "model": {"dir": str(installed["models"]), "lora_dir": str(installed["loras"])},
+        "models.xl": {"width": 64, "height": 64, "credits_per_image": 3},
+        "engine": {"gpu_memory_budget": f"{budget}B", "model_swap_seconds": 0.2,
+                   "batch_size": 2}})
+    server = ServeProcess(config, tmp_path / "serve.log", launcher).start()
+    try:
+        database = ConnectionPool(tmp_path / "data" / "appliance.db")
+        keys_of = []
+        for n in range(3):
+            owner = accounts.create_account(database.db(), f"user{n}@example.com",
+                                            "correct horse battery", audit.Actor.cli(),
+                                            credits=30)
+            keys_of.append(keys.create_key(database.db(), owner.id, "Test", audit.Actor.cli())[1])
+        database.close()
+        jobs = []
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            # Three accounts ask for both models, interleaved, on real sockets.
+            for key in keys_of:
+                for model in ("tiny", "xl", "tiny"):
+                    response = http.post(URL, headers=bearer(key), json={
+                        "model": model, "prompts": [f"{model} {i}" for i in range(3)]})
+                    assert response.status_code == 200, response.text
+                    jobs.append((key, response.json()["jobId"], model))
+            finished: dict[str, list[str]] = {"tiny": [], "xl": []}
+            deadline = time.monotonic() + 120
+            for key, job_id, model in jobs:
+                while (job := http.get(f"{URL}/{job_id}", headers=bearer(key)).json())[
+                        "status"] not in ("completed", "failed"):
+                    assert time.monotonic() < deadline, "the jobs did not finish"
+                    time.sleep(0.1)
+                assert job["status"] == "completed" and job["completedImages"] == 3
+                assert job["parameters"]["model"] == model
+                finished[model].append(job["finishedAt"])
+            ready = http.get("/readyz").json()
+        loads = [line for line in (tmp_path / "serve.log").read_text().splitlines()
+                 if "event=model.loaded" in line]
+    finally:
+        server.stop()
+    # tiny at start, then xl (unloading tiny), and at least one swap back; one held at the end.
+    assert len(loads) >= 3 and all("unloaded" in line for line in loads[1:]), loads
+    assert len(ready["models_loaded"]["engine-worker"]) == 1
     # The xl images did not wait for every tiny one, nor the other way round.
     assert min(finished["xl"]) < max(finished["tiny"])
     assert min(finished["tiny"]) < max(finished["xl"])
