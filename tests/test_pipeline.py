@@ -18,6 +18,7 @@ from appliance.engine.pipeline import (
     load_pipeline,
     pick_device,
     pick_dtype,
+    render,
 )
 from appliance.engine.synth import synthesize
 
@@ -192,6 +193,33 @@ def test_negative_prompt_changes_the_image(pipe):
     plain = generate(pipe, ["a cat"], [42], **FAST)[0]
     steered = generate(pipe, ["a cat"], [42], negative_prompt="blurry", **FAST)[0]
     assert not np.array_equal(_pixels(plain), _pixels(steered))
+
+
+class NoNegativePromptPipeline:
+    """A stand-in for a pipeline whose call takes no negative prompt (as FLUX's), making
+    grey images; it keeps the keywords it was called with."""
+
+    device = torch.device("cpu")
+    vae_scale_factor = 8
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, prompt, width, height, num_inference_steps, guidance_scale, generator,
+                 output_type):
+        self.calls.append({"prompt": prompt, "output_type": output_type})
+        images = torch.full((len(prompt), 3, height, width), 0.5)
+        return type("Output", (), {"images": images})()
+
+
+def test_a_pipeline_without_negative_prompts_is_called_without_one_or_refuses_it():
+    pipe = NoNegativePromptPipeline()
+    pixels = render(pipe, ["a cat"], [1], width=64, height=64, steps=1, guidance=0.0)
+    assert pixels.shape == (1, 64, 64, 3) and pipe.calls == [
+        {"prompt": ["a cat"], "output_type": "pt"}]
+    with pytest.raises(ValueError, match=r"\(NoNegativePromptPipeline\) takes no negative"):
+        render(pipe, ["a cat"], [1], width=64, height=64, steps=1, guidance=0.0,
+               negative_prompt="blurry")
 
 
 def test_each_prompt_needs_a_seed(pipe):

@@ -9,11 +9,23 @@ whose PEFT backend keeps every loaded adapter beside the base weights.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+def _not_about_text_encoders(record: logging.LogRecord) -> bool:
+    # An adapter for the UNet alone, as most are, is loaded into an SDXL pipeline with a
+    # warning for each of its text encoders that the adapter has nothing for it.
+    return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+logging.getLogger("diffusers.loaders.lora_base").addFilter(_not_about_text_encoders)
+# peft says so for every adapter after the first one in a model: that is the point here.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 # (name, scale) pairs, sorted by name; () is the base model alone.
 Loras = tuple[tuple[str, float], ...]

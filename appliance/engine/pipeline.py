@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -178,20 +179,24 @@ def render(
     # Stable Diffusion's latents are decoded here, in chunks; other pipelines
     # decode their own way (see use_vae_slicing).
     decode_here = isinstance(pipe, StableDiffusionPipeline)
+    options = {"prompt": list(prompts), "width": width, "height": height,
+               "num_inference_steps": steps, "guidance_scale": guidance,
+               "generator": generators, "output_type": "latent" if decode_here else "pt"}
+    if negative_prompts is not None:
+        if "negative_prompt" not in _call_parameters(pipe):
+            raise ValueError(f"this model's pipeline ({type(pipe).__name__}) takes no negative"
+                             " prompt; ask without one")
+        options["negative_prompt"] = negative_prompts
     with torch.inference_mode():
-        result = pipe(
-            prompt=list(prompts),
-            negative_prompt=negative_prompts,
-            width=width,
-            height=height,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=generators,
-            output_type="latent" if decode_here else "pt",
-        )
+        result = pipe(**options)
         if decode_here:
             return decode_latents(pipe.vae, result.images, vae_chunk)
         return _to_pixels(result.images)
+
+
+def _call_parameters(pipe: DiffusionPipeline) -> frozenset[str]:
+    """The keywords the pipeline's __call__ takes (FLUX, for one, takes no negative prompt)."""
+    return frozenset(inspect.signature(pipe.__call__).parameters)
 
 
 def decode_latents(vae: Any, latents: torch.Tensor, chunk: int = 0) -> torch.Tensor:
