@@ -422,6 +422,16 @@ def test_doctor_checks_every_installed_model_by_name(installed_models):
                               " pull it again")
 
 
+def test_doctor_finds_weights_that_will_not_load_without_loading_them(installed_models):
+    weights = next((installed_models.models_dir / "beta" / "vae").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    findings = [(f.level, f.text) for f in check_models(installed_models)]
+    assert findings[1][0] == PROBLEM
+    assert findings[1][1].startswith(f"model 'beta': {weights} is not a readable safetensors"
+                                     " file (")
+    assert findings[1][1].endswith("): the model will not load; pull it again")
+
+
 def test_doctor_names_a_missing_default_model_and_adapters_for_missing_models(
         tmp_path, installed_models, make_config):
     lora = tmp_path / "loras" / "ink"

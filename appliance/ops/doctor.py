@@ -171,6 +171,12 @@ def _check_model_folder(name: str, folder: Path, is_demo_place: bool) -> Iterato
         yield Finding(PROBLEM, "model", f"{model}: this user cannot read {unreadable[0]}"
                       + (f" and {len(unreadable) - 1} more files" if len(unreadable) > 1 else ""))
         return
+    broken = _unreadable_safetensors(folder)
+    if broken:
+        path, reason = broken
+        yield Finding(PROBLEM, "model", f"{model}: {path} is not a readable safetensors file"
+                      f" ({reason}): the model will not load; pull it again")
+        return
     size = _weight_bytes(folder)
     kind = index.get("_class_name", "a pipeline")
     if size < DEMO_MODEL_BYTES:
@@ -179,6 +185,20 @@ def _check_model_folder(name: str, folder: Path, is_demo_place: bool) -> Iterato
     else:
         yield Finding(OK, "model", f"{model}: {folder} holds a {kind}"
                       f" ({size / 1024**3:.1f} GiB of weights)")
+
+
+def _unreadable_safetensors(folder: Path) -> tuple[Path, str] | None:
+    """The first weights file whose header does not read, and why: it lists every tensor,
+    so a truncated or overwritten file shows here without loading a weight."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="numpy") as weights:
+                weights.keys()
+        except Exception as exc:  # noqa: BLE001 - each kind of damage raises its own type
+            return path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 def check_models_load(config: Config) -> Iterator[Finding]:
