@@ -107,3 +107,16 @@ def test_adapters_declare_the_models_they_fit(make_config, tmp_path, caplog):
 def test_a_bad_models_table_stops_startup_naming_the_key(make_config, table, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make_config(models=table)
+
+
+def test_the_tiny_vae_is_a_models_own_and_sdxl_never_takes_the_engines(make_config, tmp_path):
+    models = tmp_path / "models"
+    index(models / "sd15")
+    index(models / "xl", "StableDiffusionXLPipeline")
+    index(models / "xl-fast", "StableDiffusionXLPipeline")
+    index(models / "plain")
+    config = make_config(model={"dir": str(models)}, engine={"tiny_vae": "taesd"},
+                         models={"xl-fast": {"tiny_vae": "taesdxl"}, "plain": {"tiny_vae": ""}})
+    found = {model.name: model.tiny_vae for model in Catalog(config).models()}
+    assert found == {"sd15": "taesd", "tiny": "taesd", "xl": "", "xl-fast": "taesdxl",
+                     "plain": ""}

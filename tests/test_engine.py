@@ -15,11 +15,12 @@ import torch
 from diffusers import AutoencoderTiny
 
 from appliance.accounts import accounts, audit
-from appliance.core.config import ConfigError, config_from_dict
+from appliance.core.config import ConfigError, ModelSettings, config_from_dict
 from appliance.engine import diffusers_generator, writer
 from appliance.engine.diffusers_generator import compiled_batch_sizes, load_configured_generator
 from appliance.engine.engine import Engine, worker_devices
 from appliance.engine.pipeline import ModelLoadError
+from appliance.jobs.catalog import Catalog
 from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import get_job, submit
 
@@ -250,8 +251,13 @@ def test_a_configured_tiny_vae_decodes_the_images(make_config, tmp_path):
     # Relative to the config file's folder, like every path setting.
     config = make_config(engine={"tiny_vae": "taesd"})
     assert config.source is None
-    generator = load_configured_generator(dataclasses.replace(config, source=tmp_path / "c.toml"))
+    config = dataclasses.replace(config, source=tmp_path / "c.toml")
+    generator = load_configured_generator(config)
     assert isinstance(generator.pipe.vae, AutoencoderTiny)
+    # A model from the catalog with a [models.NAME] tiny_vae of "" keeps its own VAE.
+    own = dataclasses.replace(config, models={"tiny": ModelSettings(tiny_vae="")})
+    kept = load_configured_generator(own, "cpu", Catalog(own).served("tiny"))
+    assert not isinstance(kept.pipe.vae, AutoencoderTiny)
     (image,) = generator.generate(["a cat"], [1], SETTINGS)
     assert image.size == (64, 64) and image.mode == "RGB"
     assert np.asarray(image).std() > 0

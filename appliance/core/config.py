@@ -425,7 +425,8 @@ class EngineConfig:
         "A folder holding a diffusers AutoencoderTiny (for example a copy of"
         " madebyollin/taesd for SD 1.5) to decode images with instead of the model's own"
         " VAE: much faster, slightly less detailed. Relative to this file; empty uses the"
-        " model's own VAE. It is never downloaded.")
+        " model's own VAE. It is never downloaded. It applies to every model but SDXL ones"
+        " (their latents differ); [models.NAME] tiny_vae sets one model's.")
     gpu_memory_budget: str = setting(
         "90%",
         "Memory each worker's loaded models may take together: a share of its device's"
@@ -566,13 +567,16 @@ MODEL_SETTING_CHECKS: dict[str, tuple[type, Check]] = {
     "guidance_scale": (float, Between(0.0, 30.0)),
     "dtype": (str, _one_of("auto", "float32", "float16", "bfloat16")),
     "credits_per_image": (int, Between(1, 1_000_000)),
+    "tiny_vae": (str, lambda value: None),
 }
 MODEL_SETTINGS_HELP = (
     "[models.NAME] tables hold one installed model's own settings, where it needs them:"
     " its default width, height, steps and guidance_scale (within [generation]'s bounds),"
-    " its dtype, and credits_per_image (1 to 1000000, default 1: what each of its images"
-    " costs). A missing key takes [generation]'s value (an SDXL model's size defaults to"
-    " 1024x1024) or model.dtype. For example:")
+    " its dtype, credits_per_image (1 to 1000000, default 1: what each of its images"
+    " costs) and tiny_vae (a folder as engine.tiny_vae; \"\" for none). A missing key takes"
+    " [generation]'s value (an SDXL model's size defaults to 1024x1024), model.dtype, or"
+    " engine.tiny_vae, which an SDXL model never takes: its latents need a tiny VAE made for"
+    " SDXL. For example:")
 MODEL_SETTINGS_EXAMPLE = """[models.sdxl-base]
 width = 1024
 height = 1024
@@ -590,6 +594,7 @@ class ModelSettings:
     guidance_scale: float | None = None
     dtype: str | None = None
     credits_per_image: int = 1
+    tiny_vae: str | None = None
 
 
 def _model_settings(raw: Any) -> dict[str, ModelSettings]:

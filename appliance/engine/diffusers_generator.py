@@ -151,8 +151,9 @@ def load_configured_generator(config: Config, device: str | None = None,
     engine = config.engine
     log.info("loading the model from %s on %s (%s)", model_dir, device, dtype)
     pipe = load_pipeline(model_dir, device, dtype)
-    if engine.tiny_vae:
-        use_tiny_vae(pipe, config.resolve(engine.tiny_vae), dtype)
+    tiny_vae = model.tiny_vae if model else engine.tiny_vae
+    if tiny_vae:
+        use_tiny_vae(pipe, config.resolve(tiny_vae), dtype)
     optimize_pipeline(pipe, device, engine.channels_last)
     if engine.vae_decode_chunk:
         use_vae_slicing(pipe)

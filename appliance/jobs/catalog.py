@@ -54,6 +54,8 @@ class InstalledModel:
     dtype: str
     credits_per_image: int
     created: int  # Unix time its folder was installed (model_index.json's mtime)
+    # The tiny VAE folder it decodes with ("": its own VAE), as config.resolve takes it.
+    tiny_vae: str = ""
     # Why requests for it are refused; None when it can be served.
     problem: str | None = None
 
@@ -214,10 +216,12 @@ class Catalog:
             height=pick("height", native or generation.height),
             steps=pick("steps", generation.steps),
             guidance_scale=pick("guidance_scale", generation.guidance_scale))
+        # engine.tiny_vae is made for SD 1.x/2.x latents: SDXL's need a tiny VAE of their own.
+        tiny_vae = pick("tiny_vae", "" if native else self.config.engine.tiny_vae)
         return InstalledModel(name=name, path=folder, pipeline=pipeline, defaults=defaults,
                               dtype=pick("dtype", self.config.model.dtype),
                               credits_per_image=table.credits_per_image if table else 1,
-                              created=created, problem=problem)
+                              created=created, problem=problem, tiny_vae=tiny_vae)
 
     def _scan_loras(self) -> dict[str, InstalledLora]:
         loras: dict[str, InstalledLora] = {}
