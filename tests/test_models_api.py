@@ -115,6 +115,8 @@ def test_the_installed_models_are_listed_with_their_defaults_price_and_adapters(
          "loras": ["xl-style"]}]
     openai = client.http.get("/v1/models", headers=bearer(key)).json()
     assert [model["id"] for model in openai["data"]] == ["tiny", "xl"]
+    assert {key: openai["data"][1][key] for key in ("default", "credits_per_image", "size")} == {
+        "default": False, "credits_per_image": 3, "size": "64x64"}
     assert client.http.get("/api/models").status_code == 401
 
 

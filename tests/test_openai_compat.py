@@ -67,6 +67,9 @@ def test_models_lists_the_loaded_model(live, tiny_model):
     models = client.models.list()
     assert [model.id for model in models.data] == [tiny_model.name]
     assert models.data[0].object == "model"
+    # The extensions reach the openai package's objects as extra fields.
+    assert models.data[0].model_extra == {"default": True, "credits_per_image": 1,
+                                          "size": "64x64", "steps": 2, "guidance_scale": 7.5}
     result = client.images.generate(prompt="x", model=tiny_model.name, size="64x64")
     assert len(result.data) == 1
 

@@ -272,5 +272,8 @@ class OpenAIController(Controller):
     def models(self, request: Request[KeyOwner, Any, Any], catalog: Models) -> OpenAIModelList:
         served = [model for model in catalog.models() if not model.problem]
         served.sort(key=lambda model: model.name != catalog.default_name)
-        return OpenAIModelList(data=[OpenAIModel(id=model.name, created=model.created)
-                                     for model in served])
+        return OpenAIModelList(data=[OpenAIModel(
+            id=model.name, created=model.created, default=model.name == catalog.default_name,
+            credits_per_image=model.credits_per_image,
+            size=f"{model.defaults.width}x{model.defaults.height}", steps=model.defaults.steps,
+            guidance_scale=model.defaults.guidance_scale) for model in served])

@@ -187,6 +187,14 @@ class OpenAIModel(msgspec.Struct):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "ai-media-maker"
+    # Extensions beyond OpenAI's model object (clients keep fields they do not know).
+    default: Annotated[bool, doc(
+        "Extension: whether a request without `model` gets this one.")] = False
+    credits_per_image: Annotated[int, doc("Extension: what each of its images costs.")] = 1
+    size: Annotated[str, doc("Extension: the size a request without `size` gets.")] = ""
+    steps: Annotated[int, doc("Extension: the steps a request without `steps` gets.")] = 0
+    guidance_scale: Annotated[float, doc(
+        "Extension: the guidance scale a request without it gets.")] = 0.0
 
 
 class OpenAIModelList(msgspec.Struct):
