@@ -21,8 +21,11 @@ from appliance.core.numbers import size_text
 
 log = logging.getLogger(__name__)
 
+
 class Generator(Protocol):
-    def generate(self, prompts, seeds, settings): ...
+    """What the worker calls on a model's generator (engine/worker.py ImageGenerator)."""
+
+    def generate(self, prompts, seeds, settings): ...  # noqa: ANN001, ANN201 - the worker's
 
 
 def memory_of(generator: object) -> int:
