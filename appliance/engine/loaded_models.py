@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class Generator(Protocol):
     """What the worker calls on a model's generator (engine/worker.py ImageGenerator)."""
 
-    def generate(self, prompts, seeds, settings): ...  # noqa: ANN001, ANN201 - the worker's
+    def generate(self, prompts, seeds, settings): ...
 
 
 def memory_of(generator: object) -> int:
