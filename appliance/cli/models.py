@@ -96,10 +96,6 @@ def _same_place(one: Path, other: Path) -> bool:
     return os.path.abspath(one) == os.path.abspath(other)
 
 
-def _installed(catalog: Catalog) -> str:
-    return ", ".join(model.name for model in catalog.models()) or "none"
-
-
 @group.command("pull")
 @click.argument("repo_id")
 @click.argument("name", required=False)
@@ -175,7 +171,7 @@ def remove(config: Config, name: str, yes: bool) -> None:
     model = next((model for model in catalog.models() if model.name == name), None)
     if model is None:
         raise CommandError(f"no model named {name!r} is installed; installed: "
-                           f"{_installed(catalog)}")
+                           f"{catalog.installed_text()}")
     if name == catalog.default_name:
         raise CommandError(f"{name!r} is the default model: set model.default to another one"
                            " in the config file first")

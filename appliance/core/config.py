@@ -572,7 +572,8 @@ MODEL_SETTING_CHECKS: dict[str, tuple[type, Check]] = {
 MODEL_SETTINGS_HELP = (
     "[models.NAME] tables hold one installed model's own settings, where it needs them:"
     " its default width, height, steps and guidance_scale (within [generation]'s bounds),"
-    " its dtype, credits_per_image (1 to 1000000, default 1: what each of its images"
+    " its dtype, credits_per_image"
+    f" ({MODEL_SETTING_CHECKS['credits_per_image'][1]}, default 1: what each of its images"
     " costs) and tiny_vae (a folder as engine.tiny_vae; \"\" for none). A missing key takes"
     " [generation]'s value (an SDXL model's size defaults to 1024x1024), model.dtype, or"
     " engine.tiny_vae, which an SDXL model never takes: its latents need a tiny VAE made for"

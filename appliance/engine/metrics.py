@@ -69,6 +69,14 @@ class EngineStatus:
     def images_last_hour(self) -> int:
         return sum(self.images_per_minute)
 
+    def holders(self) -> dict[str, list[str]]:
+        """Model name -> the workers that hold it now."""
+        held_by: dict[str, list[str]] = {}
+        for worker in self.workers:
+            for name, _ in worker.models:
+                held_by.setdefault(name, []).append(worker.name)
+        return held_by
+
 
 class ImageRate:
     """Images made in each second of the last hour, in a ring of one slot a second.

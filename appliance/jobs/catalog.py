@@ -59,10 +59,6 @@ class InstalledModel:
     # Why requests for it are refused; None when it can be served.
     problem: str | None = None
 
-    @property
-    def is_sdxl(self) -> bool:
-        return "XL" in self.pipeline
-
 
 @dataclass(frozen=True)
 class InstalledLora:
@@ -102,15 +98,19 @@ class Catalog:
         self._rescan()
         return sorted(self._loras.values(), key=lambda lora: lora.name)
 
+    def installed_text(self) -> str:
+        """The installed models' names, as messages list them."""
+        self._rescan()
+        return ", ".join(sorted(self._models)) or "none"
+
     def model(self, name: str | None, field: str = "model") -> InstalledModel:
         """The model a request names (None: the default one), or 400 naming those there are."""
         self._rescan()
         wanted = self.default_name if name is None else name
         model = self._models.get(wanted)
         if model is None:
-            installed = ", ".join(sorted(self._models)) or "none"
             raise UnknownModel(field, f"'{field}' is {wanted!r}, which is not installed here;"
-                               f" installed: {installed} (see GET /api/models)")
+                               f" installed: {self.installed_text()} (see GET /api/models)")
         if model.problem:
             raise UnknownModel(field, f"'{field}' is {wanted!r}, which cannot be served:"
                                f" {model.problem}")

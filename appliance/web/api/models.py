@@ -34,9 +34,6 @@ def model_info(model: InstalledModel, catalog: Catalog, loaded_on: list[str]) ->
      responses=error_responses(401, 429))
 def list_models(request: Request[KeyOwner, Any, Any], catalog: Models,
                 engine: EngineDependency) -> ModelList:
-    holders: dict[str, list[str]] = {}
-    for worker in engine.workers:
-        for name in worker.models.names:
-            holders.setdefault(name, []).append(worker.name)
+    holders = engine.status().holders()
     return ModelList(models=[model_info(model, catalog, holders.get(model.name, []))
                              for model in catalog.models()])

@@ -70,10 +70,7 @@ def budget_text(worker: WorkerStatus) -> str:
 
 def installed_models(catalog: Catalog, status: EngineStatus) -> list[dict[str, Any]]:
     """Every installed model, with the workers that hold it now."""
-    held_by: dict[str, list[str]] = {}
-    for worker in status.workers:
-        for name, _ in worker.models:
-            held_by.setdefault(name, []).append(worker.name)
+    held_by = status.holders()
     return [{
         "name": model.name, "default": model.name == catalog.default_name,
         "pipeline": model.pipeline, "creditsPerImage": model.credits_per_image,
