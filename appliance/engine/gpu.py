@@ -63,9 +63,9 @@ def log_peak_memory() -> None:
 def device_memory_bytes(device: str) -> int:
     """The device's whole memory: a GPU's, or the machine's for the CPU."""
     if device == "auto":
-        import torch
+        from appliance.engine.pipeline import pick_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device(device)
     index = cuda_index(device)
     if index is None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
