@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from appliance.bench.http import Load, parse_wrk
+from appliance.bench import http
+from appliance.bench.http import Load, Target, parse_wrk
 from appliance.cli.main import main
 
 WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:18999/job
@@ -30,7 +31,24 @@ Transfer/sec:    696.02KB
 
 def test_wrk_figures_are_read_with_their_units():
     assert parse_wrk(WRK_OUTPUT) == Load(requests_per_second=5439.80, p50_ms=0.668, p99_ms=6.2,
-                                         errors=7)
+                                         errors=7, requests=5983)
+
+
+def test_every_route_gets_each_turn_and_the_median_round_counts(monkeypatch):
+    turns: list[str] = []
+    rates = iter([100, 900, 500, 300, 700, 200])
+
+    def fake_load(target: Target, seconds: int, connections: int) -> Load:
+        turns.append(target.url)
+        return Load(next(rates), 1.0, 2.0, 0, 10, 50.0)
+
+    monkeypatch.setattr(http, "load", fake_load)
+    loads = http.load_in_rounds({"a": Target("a", 1, {}), "b": Target("b", 1, {})}, 1, 1, 3)
+    # Rotating: a b, b a, a b.
+    assert turns == ["a", "b", "b", "a", "a", "b"]
+    assert [round.requests_per_second for round in loads["a"]] == [100, 300, 700]
+    assert http.median_load(loads["a"]).requests_per_second == 300
+    assert http.median_load(loads["b"]) == Load(500, 1.0, 2.0, 0, 30, 50.0)
 
 
 def test_output_without_figures_is_an_error():
@@ -46,7 +64,7 @@ def test_a_short_run_prints_each_figure_beside_the_bare_route(tiny_model, tmp_pa
     config.write_text(f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n')
     results = tmp_path / "api.json"
     code = main(["bench-api", "--config", str(config), "--seconds", "1", "--connections", "4",
-                 "--posts", "2", "--json", str(results)])
+                 "--posts", "2", "--rounds", "1", "--json", str(results)])
     printed = capsys.readouterr().out
     with capsys.disabled():
         print("\n" + printed)
@@ -58,5 +76,7 @@ def test_a_short_run_prints_each_figure_beside_the_bare_route(tiny_model, tmp_pa
     for name, figure in loads.items():
         assert figure["requests_per_second"] > 0 and figure["errors"] == 0, name
         assert 0 < figure["p50_ms"] <= figure["p99_ms"], name
+        # The server's CPU time a request, read from /proc while wrk ran.
+        assert figure["cpu_us_per_request"] > 0, name
     assert result["posts"] == 2 and result["post_100_prompts_p50_ms"] > 0
     assert "GET job (authenticated): " in printed and "x), p50" in printed

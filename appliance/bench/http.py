@@ -3,7 +3,10 @@
 A real `appliance serve` (the config's settings, its data in a temporary
 folder, no per-key rate limit) and, in a process of its own, a bare Litestar
 route under uvicorn answering the same JSON body (bare.py). wrk loads each in
-turn from one thread with `connections` connections for `seconds`:
+turn from one thread with `connections` connections for `seconds`, `rounds`
+times in a rotating order (a shared machine's speed drifts within a minute:
+each route gets the early and the late turns alike), and the median round of
+each counts:
 
 - the bare route (the baseline),
 - the appliance's `/healthz`,
@@ -12,8 +15,9 @@ turn from one thread with `connections` connections for `seconds`:
 
 Then `posts` requests of 100 prompts each are sent one after the other and timed
 (each job is cancelled at once, so the engine stays idle). Figures: requests/s
-and latency p50/p99 of each, the ratio of each to the bare route, the POSTs'
-latency p50/p95.
+and latency p50/p99 of each, the ratio of each to the bare route, the server's
+CPU time a request (the steadier figure where other machines share the CPU),
+the POSTs' latency p50/p95.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,9 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    # CPU time the server process spent a request meanwhile; None where it cannot be read.
+    cpu_us_per_request: float | None = None
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -67,19 +74,59 @@ def parse_wrk(output: str) -> Load:
         raise RuntimeError(f"wrk printed no figures:\n{output[-2000:]}")
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    requests = re.search(r"(\d+) requests in", output)
     return Load(float(rate[1]), _milliseconds(p50[1]), _milliseconds(p99[1]),
-                errors + (int(non_2xx[1]) if non_2xx else 0))
+                errors + (int(non_2xx[1]) if non_2xx else 0),
+                int(requests[1]) if requests else 0)
 
 
-def load(url: str, seconds: int, connections: int, headers: dict[str, str]) -> Load:
+@dataclass(frozen=True)
+class Target:
+    """A route wrk loads, and the process that answers it."""
+
+    url: str
+    pid: int
+    headers: dict[str, str]
+
+
+def load(target: Target, seconds: int, connections: int) -> Load:
     command = ["wrk", "--threads", "1", "--connections", str(connections),
-               "--duration", f"{seconds}s", "--latency", url]
-    for name, value in headers.items():
+               "--duration", f"{seconds}s", "--latency", target.url]
+    for name, value in target.headers.items():
         command += ["--header", f"{name}: {value}"]
+    cpu_before = serving.cpu_seconds(target.pid)
     done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    cpu_after = serving.cpu_seconds(target.pid)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed: {done.stderr.strip()}")
-    return parse_wrk(done.stdout)
+    figure = parse_wrk(done.stdout)
+    if cpu_before is None or cpu_after is None or not figure.requests:
+        return figure
+    return replace(figure,
+                   cpu_us_per_request=(cpu_after - cpu_before) / figure.requests * 1e6)
+
+
+def median_load(rounds: list[Load]) -> Load:
+    """Each figure's median over the rounds (the upper one of an even count)."""
+    def middle(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    cpu = [r.cpu_us_per_request for r in rounds if r.cpu_us_per_request is not None]
+    return Load(middle([r.requests_per_second for r in rounds]),
+                middle([r.p50_ms for r in rounds]), middle([r.p99_ms for r in rounds]),
+                sum(r.errors for r in rounds), sum(r.requests for r in rounds),
+                middle(cpu) if len(cpu) == len(rounds) else None)
+
+
+def load_in_rounds(targets: dict[str, Target], seconds: int, connections: int,
+                   rounds: int) -> dict[str, list[Load]]:
+    """Every target loaded `rounds` times; round r starts at the r-th target and wraps."""
+    names = list(targets)
+    loads: dict[str, list[Load]] = {name: [] for name in names}
+    for turn in range(rounds):
+        for name in names[turn % len(names):] + names[:turn % len(names)]:
+            loads[name].append(load(targets[name], seconds, connections))
+    return loads
 
 
 def _finished_job(http: httpx.Client, prompts: list[str]) -> dict[str, Any]:
@@ -122,8 +169,8 @@ def server_config(config: Config, work: Path, port: int, credits: int) -> dict[s
     }
 
 
-def run_api_benchmark(config: Config, seconds: int, connections: int,
-                      posts: int) -> dict[str, Any]:
+def run_api_benchmark(config: Config, seconds: int, connections: int, posts: int,
+                      rounds: int = 3) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed (Debian's wrk package)")
     work = Path(tempfile.mkdtemp(prefix="appliance-bench-api-"))
@@ -147,14 +194,14 @@ def run_api_benchmark(config: Config, seconds: int, connections: int,
             bare_url = f"http://127.0.0.1:{bare_port}/job"
             if not serving.answers_ok(bare_url, lambda: bare.poll() is None, 60):
                 raise RuntimeError("the bare Litestar app did not start")
-            figures = {
-                "bare_route": load(bare_url, seconds, connections, {}),
-                "healthz": load(f"{server.base}/healthz", seconds, connections, {}),
-                "job_read": load(f"{server.base}{URL}/{job['jobId']}", seconds, connections,
-                                 auth),
+            pid = server.process.pid
+            rounds_run = load_in_rounds({
+                "bare_route": Target(bare_url, bare.pid, {}),
+                "healthz": Target(f"{server.base}/healthz", pid, {}),
+                "job_read": Target(f"{server.base}{URL}/{job['jobId']}", pid, auth),
                 # The job answers each image's URL whole, host included.
-                "image_download": load(job["images"][0]["url"], seconds, connections, auth),
-            }
+                "image_download": Target(job["images"][0]["url"], pid, auth),
+            }, seconds, connections, rounds)
             post_seconds = time_posts(http, posts)
     finally:
         if bare is not None:
@@ -162,12 +209,17 @@ def run_api_benchmark(config: Config, seconds: int, connections: int,
             bare.wait(30)
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    baseline = figures["bare_route"].requests_per_second
+    figures = {name: median_load(runs) for name, runs in rounds_run.items()}
+    baseline = figures["bare_route"]
     return {
         "seconds": seconds,
         "connections": connections,
+        "rounds": rounds,
         "loads": {name: {**vars(figure),
-                         "ratio": figure.requests_per_second / baseline}
+                         "ratio": figure.requests_per_second / baseline.requests_per_second,
+                         "cpu_ratio": _cpu_ratio(baseline, figure),
+                         "rounds_requests_per_second": [r.requests_per_second
+                                                        for r in rounds_run[name]]}
                   for name, figure in figures.items()},
         "post_100_prompts_p50_ms": serving.percentile(post_seconds, 0.50) * 1000,
         "post_100_prompts_p95_ms": serving.percentile(post_seconds, 0.95) * 1000,
@@ -175,16 +227,27 @@ def run_api_benchmark(config: Config, seconds: int, connections: int,
     }
 
 
+def _cpu_ratio(baseline: Load, figure: Load) -> float | None:
+    """The bare route's CPU time a request over this one's: comparable to the rate's ratio."""
+    if baseline.cpu_us_per_request is None or not figure.cpu_us_per_request:
+        return None
+    return baseline.cpu_us_per_request / figure.cpu_us_per_request
+
+
 LABELS = {"bare_route": "bare Litestar route (baseline)", "healthz": "/healthz",
           "job_read": "GET job (authenticated)", "image_download": "GET image (authenticated)"}
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:
-    lines = [f"wrk: 1 thread, {result['connections']} connections, {result['seconds']} s each"]
+    lines = [f"wrk: 1 thread, {result['connections']} connections, {result['seconds']} s each,"
+             f" {result['rounds']} rounds in rotating order; the median of each figure"]
     for name, figure in result["loads"].items():
+        cpu = ("" if figure["cpu_us_per_request"] is None else
+               f", CPU {figure['cpu_us_per_request']:.0f} us a request"
+               f" ({figure['cpu_ratio']:.2f}x)")
         lines.append(f"{LABELS[name]}: {figure['requests_per_second']:.0f} requests/s"
                      f" ({figure['ratio']:.2f}x), p50 {figure['p50_ms']:.1f} ms,"
-                     f" p99 {figure['p99_ms']:.1f} ms, {figure['errors']} errors")
+                     f" p99 {figure['p99_ms']:.1f} ms{cpu}, {figure['errors']} errors")
     lines.append(f"POST of {PROMPTS_PER_POST} prompts, {result['posts']} one after another:"
                  f" p50 {result['post_100_prompts_p50_ms']:.1f} ms,"
                  f" p95 {result['post_100_prompts_p95_ms']:.1f} ms")

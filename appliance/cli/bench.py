@@ -141,20 +141,23 @@ def bench(config: Config, sets: tuple[str, ...], images: int, baseline_images: i
               help="wrk's open connections (default: 16)")
 @click.option("--posts", type=WHOLE_NUMBER, default=20, metavar="N",
               help="100-prompt POSTs timed one after another (default: 20)")
+@click.option("--rounds", type=WHOLE_NUMBER, default=3, metavar="N",
+              help="times each route is loaded, in rotating order; the median counts"
+                   " (default: 3)")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), metavar="FILE",
               help="also write the figures to FILE as JSON")
 @pass_config
-def bench_api(config: Config, seconds: int, connections: int, posts: int,
+def bench_api(config: Config, seconds: int, connections: int, posts: int, rounds: int,
               json_file: Path | None) -> None:
     """time the HTTP API's own overhead against a bare Litestar route, with wrk: a job's
     status, an image download, /healthz and 100-prompt POSTs; see BENCHMARKS.md"""
     from appliance.bench.http import report_lines, run_api_benchmark
 
-    if min(seconds, connections, posts) < 1:
-        raise CommandError("--seconds, --connections and --posts must be at least 1")
+    if min(seconds, connections, posts, rounds) < 1:
+        raise CommandError("--seconds, --connections, --posts and --rounds must be at least 1")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        result = run_api_benchmark(config, seconds, connections, posts)
+        result = run_api_benchmark(config, seconds, connections, posts, rounds)
     except RuntimeError as exc:
         raise CommandError(f"the benchmark failed: {exc}") from None
     for line in report_lines(result):

@@ -9,6 +9,7 @@ failed) or cancelled (every image was cancelled).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -74,6 +75,9 @@ class GenerationSettings:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
+    # Frozen, so one parsed copy serves every read of the same text: every status
+    # poll parses its job's settings.
+    @functools.lru_cache(maxsize=1024)
     def from_json(cls, text: str) -> GenerationSettings:
         values = json.loads(text)
         values["loras"] = tuple((name, float(scale)) for name, scale in values.get("loras", ()))

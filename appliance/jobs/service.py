@@ -20,6 +20,7 @@ from datetime import date
 from pathlib import Path
 from typing import Protocol
 
+from appliance.core.cached_reads import on_local_disk
 from appliance.core.clock import utc_now
 from appliance.core.config import LimitsConfig
 from appliance.core.database import ConnectionPool, immediate
@@ -77,6 +78,8 @@ class JobService:
         self.queue = queue
         self.limits = limits
         self.images_dir = images_dir
+        # Whether a cached image may be read on the event loop (cached_reads.py).
+        self.images_on_local_disk = on_local_disk(images_dir)
         # What a request that names no parameters gets (config.toml's [generation]).
 
     def submit(self, request: JobRequest) -> Submitted:
@@ -112,8 +115,9 @@ class JobService:
         """The job as its owner sees it; another account's job is NotFound like an unknown one."""
         job = store.get_job(self.database.db(), account_id, job_id)
         # Only images still queued make a position.
-        position = self.queue.position(job_id) if job.queued_images else None
-        return replace(job, queue_position=position)
+        if not job.queued_images:
+            return job
+        return replace(job, queue_position=self.queue.position(job_id))
 
     def cancel(self, account_id: int, job_id: str) -> int:
         """Cancels and refunds the job's images not yet started; returns how many.

@@ -92,56 +92,67 @@ def image_view(row: dict[str, Any]) -> ImageView:
                      row["error"], row["finished_at"])
 
 
-def _job_row(db: Database, account_id: int, job_id: str) -> dict:
-    rows = list(db.query("SELECT * FROM jobs WHERE id = ? AND account_id = ?",
-                         [job_id, account_id]))
+def _check_owner(db: Database, account_id: int, job_id: str) -> None:
+    row = db.execute("SELECT 1 FROM jobs WHERE id = ? AND account_id = ?",
+                     [job_id, account_id]).fetchone()
+    if row is None:
+        # Another account's job is answered exactly like one that does not exist.
+        raise NotFound("Job not found")
+
+
+# A status poll is the request clients send most: get_job reads the job and its
+# images in one statement, through execute() with its columns named (sqlite-utils'
+# query() wraps each SELECT in a savepoint, three statements, and makes a dict a row).
+def get_job(db: Database, account_id: int, job_id: str) -> JobView:
+    rows = db.execute(
+        "SELECT j.status, j.total_images, j.credits_used, j.credits_refunded, j.created_at,"
+        " j.started_at, j.finished_at, j.settings, j.seed, j.credits_per_image,"
+        " i.idx, i.prompt, i.status, i.seed, i.error, i.finished_at"
+        " FROM jobs j LEFT JOIN job_images i ON i.job_id = j.id"
+        " WHERE j.id = ? AND j.account_id = ? ORDER BY i.idx",
+        [job_id, account_id]).fetchall()
     if not rows:
         # Another account's job is answered exactly like one that does not exist.
         raise NotFound("Job not found")
-    return rows[0]
-
-
-def get_job(db: Database, account_id: int, job_id: str) -> JobView:
-    job = _job_row(db, account_id, job_id)
-    images = [
-        image_view(r)
-        for r in db.query(
-            "SELECT idx, prompt, status, seed, error, finished_at FROM job_images"
-            " WHERE job_id = ? ORDER BY idx",
-            [job_id],
-        )
-    ]
+    (status, total_images, credits_used, credits_refunded, created_at, started_at, finished_at,
+     settings, seed, credits_per_image) = rows[0][:10]
+    images = [ImageView(row[10], row[11], ImageStatus(row[12]), row[13], row[14], row[15])
+              for row in rows if row[10] is not None]
     counts: defaultdict[str, int] = defaultdict(int)
     for image in images:
         counts[image.status] += 1
     return JobView(
-        job_id=job["id"],
-        status=JobStatus(job["status"]),
-        total_images=job["total_images"],
+        job_id=job_id,
+        status=JobStatus(status),
+        total_images=total_images,
         queued_images=counts[ImageStatus.QUEUED],
         running_images=counts[ImageStatus.RUNNING],
         completed_images=counts[ImageStatus.COMPLETED],
         failed_images=counts[ImageStatus.FAILED],
-        credits_used=job["credits_used"],
-        credits_refunded=job["credits_refunded"],
-        created_at=job["created_at"],
-        started_at=job["started_at"],
-        finished_at=job["finished_at"],
-        settings=GenerationSettings.from_json(job["settings"]),
+        credits_used=credits_used,
+        credits_refunded=credits_refunded,
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        settings=GenerationSettings.from_json(settings),
         images=images,
         cancelled_images=counts[ImageStatus.CANCELLED],
-        seed=job["seed"],
-        credits_per_image=job["credits_per_image"],
+        seed=seed,
+        credits_per_image=credits_per_image,
     )
 
 
 def image_file(db: Database, images_dir: Path, account_id: int, job_id: str, index: int) -> Path:
-    _job_row(db, account_id, job_id)
+    # One statement: the job's owner, and the image's file once it is made.
     row = db.execute(
-        "SELECT file FROM job_images WHERE job_id = ? AND idx = ? AND status = ?",
-        [job_id, index, ImageStatus.COMPLETED],
+        "SELECT i.file FROM jobs j LEFT JOIN job_images i"
+        " ON i.job_id = j.id AND i.idx = ? AND i.status = ?"
+        " WHERE j.id = ? AND j.account_id = ?",
+        [index, ImageStatus.COMPLETED, job_id, account_id],
     ).fetchone()
-    if row is None or not row[0]:
+    if row is None:
+        raise NotFound("Job not found")
+    if not row[0]:
         raise NotFound(f"image {index} of this job is not ready")
     return images_dir / row[0]
 
@@ -209,7 +220,7 @@ def cancel(db: Database, account_id: int, job_id: str) -> int:
     """
     now = utc_now()
     with immediate(db):
-        _job_row(db, account_id, job_id)
+        _check_owner(db, account_id, job_id)
         # The worker starts an image only while it is still queued (mark_running),
         # so an image cancelled here is never generated, even if already dequeued.
         count = db.execute(

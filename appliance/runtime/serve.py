@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import logging
 import threading
 import time
@@ -70,6 +71,10 @@ class Supervisor:
                     await asyncio.sleep(TICK_SECONDS)
                     continue
                 log.info("ready: serving on %s", self.address, extra={"event": "service.ready"})
+                # What startup made (the model, torch, the app: millions of objects) lives
+                # as long as the process: out of the collector's sight, a full collection
+                # no longer walks them all, a pause of tens of milliseconds mid-request.
+                gc.freeze()
                 return True
             if engine.load_error is not None:
                 message = f"the model could not be loaded: {engine.load_error}"

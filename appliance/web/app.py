@@ -15,7 +15,6 @@ from litestar import Litestar, Router
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig
 
 from appliance.core.version import package_version
 from appliance.services import Services
@@ -30,11 +29,8 @@ from appliance.web.console.rendering import console_errors_under_console
 from appliance.web.console.security import over_https
 from appliance.web.dependencies import dependencies
 from appliance.web.health import healthz, metrics, readyz
+from appliance.web.http_metrics import HttpMetricsMiddleware
 from appliance.web.write_admission import WriteAdmissionMiddleware
-
-# Requests by route template (`/api/playground/images/{job_id:str}`), never by
-# raw path: one series per route, whatever ids clients send.
-HTTP_METRICS = PrometheusConfig(app_name="appliance", prefix="appliance_http", group_path=True)
 
 
 def create_app(services: Services) -> Litestar:
@@ -65,7 +61,9 @@ def create_app(services: Services) -> Litestar:
         # First (outermost): the Host header is checked before the metrics, or
         # anything else, reads the request's URL, which is made from it.
         middleware=[AllowedHostsMiddleware(HostPolicy.for_server(config.server)),
-                    HTTP_METRICS.middleware,
+                    # Requests by route template, never by raw path: one series per
+                    # route, whatever ids clients send.
+                    HttpMetricsMiddleware(),
                     WriteAdmissionMiddleware(config.storage.busy_timeout_seconds)],
         # Every response, refusals and unknown paths included.
         before_send=[over_https],

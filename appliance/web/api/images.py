@@ -11,6 +11,7 @@ from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response import Response, ServerSentEvent
 
 from appliance.accounts.keys import KeyOwner
+from appliance.core.cached_reads import read_if_cached
 from appliance.core.errors import NotFound
 from appliance.core.numbers import LARGEST_INTEGER, row_id
 from appliance.jobs import parameters
@@ -169,8 +170,11 @@ class ImagesController(Controller):
         if number is None:
             raise NotFound(f"image {index[:40]!r} of this job does not exist")
         path = jobs.image_path(request.user.account_id, job_id, number)
-        # One read on a worker thread: a PNG is at most a few megabytes, and
-        # streaming it in chunks costs a thread hop per chunk and per stat.
-        png = await anyio.Path(path).read_bytes()
+        # Read here when its pages are in memory (usually: it was written lately),
+        # else in one read on a worker thread: a PNG is at most a few megabytes,
+        # and streaming it in chunks costs a thread hop per chunk and per stat.
+        png = read_if_cached(path) if jobs.images_on_local_disk else None
+        if png is None:
+            png = await anyio.Path(path).read_bytes()
         return Response(png, media_type="image/png", headers={
             "Content-Disposition": f'inline; filename="{job_id}-{number}.png"'})
