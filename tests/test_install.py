@@ -35,8 +35,39 @@ def install(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def serve_installed(prefix: Path, tmp_path: Path, url: str,
+                    verify: ssl.SSLContext | bool = True) -> subprocess.Popen:
+    """Starts the installation's `appliance serve` and waits until `url`/readyz answers 200."""
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([str(prefix / "bin" / "appliance"), "serve"], cwd=tmp_path,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            ready = httpx.get(f"{url}/readyz", verify=verify, timeout=2)
+            if ready.status_code == 200:
+                assert ready.json()["checks"] == {"database": "ok", "disk": "ok", "model": "ok",
+                                                  "worker": "ok"}
+                return server
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise AssertionError(log_path.read_text())
+        time.sleep(0.2)
+
+
+def stop(server: subprocess.Popen, tmp_path: Path) -> None:
+    server.terminate()
+    server.wait(timeout=60)
+    assert "ready: serving" in (tmp_path / "serve.log").read_text()
+
+
+# One installation's whole life: installing and upgrading in place each cost a
+# virtual environment's worth of time, so one prefix goes through all of it.
 @pytest.mark.system
-def test_prefix_install_runs_the_installed_code_and_uninstalls(tmp_path, tiny_model):
+def test_a_prefix_install_serves_upgrades_turns_on_https_and_uninstalls(tmp_path, tiny_model):
     prefix = tmp_path / "opt"
     started = time.monotonic()
     made = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
@@ -61,23 +92,8 @@ def test_prefix_install_runs_the_installed_code_and_uninstalls(tmp_path, tiny_mo
                       .replace('device = "auto"', 'device = "cpu"')
                       .replace("width = 512", "width = 64").replace("height = 512", "height = 64")
                       .replace("steps = 25", "steps = 2"))
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([str(appliance), "serve"], cwd=tmp_path, stdout=log,
-                                  stderr=subprocess.STDOUT)
+    server = serve_installed(prefix, tmp_path, f"http://127.0.0.1:{port}")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        assert ready.json()["checks"] == {"database": "ok", "disk": "ok", "model": "ok",
-                                          "worker": "ok"}
         # The wrapper finds the installation's config by itself; restore refuses
         # while the service runs.
         backup = subprocess.run([str(appliance), "backup", str(tmp_path / "backup")],
@@ -88,26 +104,70 @@ def test_prefix_install_runs_the_installed_code_and_uninstalls(tmp_path, tiny_mo
         assert refused.returncode == 1
         assert "cannot restore: the service is running" in refused.stderr
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-    assert "ready: serving" in log_path.read_text()
+        stop(server, tmp_path)
 
-    # Running it again upgrades in place: the config and the data stay.
+    # Running it again, now with --tls, upgrades in place: the config and the data
+    # stay, and a certificate for this machine is made and set in the config.
     edited = config.read_text()
-    again = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
+    secured = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
+                      "--tls", cwd=tmp_path)
+    assert secured.returncode == 0, secured.stdout + secured.stderr
+    assert "keeping the config" in secured.stdout and "keeping the model" in secured.stdout
+    certificate = prefix / "var" / "lib" / "tls" / "server.crt"
+    key = prefix / "var" / "lib" / "tls" / "server.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    text = config.read_text()
+    assert f'tls_certificate = "{certificate}"' in text and f'tls_key = "{key}"' in text
+    # Those two settings are all that changed.
+    changed = set(text.splitlines()) ^ set(edited.splitlines())
+    assert {line.split(" = ")[0] for line in changed} <= {"tls_certificate", "tls_key"}, changed
+    names, addresses = certificate_names(certificate)
+    assert {"localhost", socket.gethostname()} <= names
+    assert {ipaddress.ip_address("127.0.0.1"), *machine_addresses()} <= addresses
+    dates = subprocess.run(["openssl", "x509", "-in", str(certificate), "-noout", "-startdate",
+                            "-enddate"], capture_output=True, text=True, check=True,
+                           timeout=60).stdout
+    begins, ends = (datetime.strptime(line.split("=", 1)[1], "%b %d %H:%M:%S %Y %Z")
+                    for line in dates.splitlines())
+    assert (ends - begins).days == 825
+
+    # The installed service serves HTTPS with it, and nothing on plain HTTP.
+    trust = ssl.create_default_context(cafile=str(certificate))
+    server = serve_installed(prefix, tmp_path, f"https://127.0.0.1:{port}", verify=trust)
+    try:
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    finally:
+        stop(server, tmp_path)
+
+    # Running it again keeps the certificate; given files replace it.
+    kept = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
+                   "--tls", cwd=tmp_path)
+    assert kept.returncode == 0 and "keeping the certificate" in kept.stdout, kept.stderr
+    own = tmp_path / "own"
+    own.mkdir()
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=images",
+                    "-keyout", str(own / "k.pem"), "-out", str(own / "c.pem")],
+                   check=True, capture_output=True, timeout=60)
+    given = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
+                    "--tls-cert", str(own / "c.pem"), "--tls-key", str(own / "k.pem"),
                     cwd=tmp_path)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "keeping the config" in again.stdout and "keeping the model" in again.stdout
-    assert config.read_text() == edited
+    assert given.returncode == 0, given.stdout + given.stderr
+    assert certificate.read_bytes() == (own / "c.pem").read_bytes()
+    assert key.read_bytes() == (own / "k.pem").read_bytes()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert f'tls_certificate = "{certificate}"' in config.read_text()
 
     removed = install("--uninstall", "--prefix", str(prefix), cwd=tmp_path)
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert not (prefix / "venv").exists() and not appliance.exists()
     assert config.exists() and (model / "model_index.json").exists()
     assert "kept the config" in removed.stdout
+    # Nothing of the installation is left behind (the suite's leak search reads every file).
     purged = install("--uninstall", "--purge", "--prefix", str(prefix), cwd=tmp_path)
     assert purged.returncode == 0, purged.stdout + purged.stderr
-    assert not config.exists() and not model.exists()
+    assert not config.exists() and not model.exists() and not certificate.exists()
     # Backups are never deleted.
     assert (prefix / "var" / "backups").is_dir()
     again = install("--uninstall", "--prefix", str(prefix), cwd=tmp_path)
@@ -152,81 +212,6 @@ def certificate_names(certificate: Path) -> tuple[set[str], set[ipaddress.IPv4Ad
 def machine_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     shown = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=60)
     return {ipaddress.ip_address(word) for word in shown.stdout.split()}
-
-
-@pytest.mark.system
-def test_prefix_install_with_tls_serves_https_with_a_certificate_for_this_machine(
-        tmp_path, tiny_model):
-    prefix = tmp_path / "opt"
-    made = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
-                   "--model-dir", str(tiny_model), "--tls", cwd=tmp_path)
-    assert made.returncode == 0, made.stdout + made.stderr
-    certificate = prefix / "var" / "lib" / "tls" / "server.crt"
-    key = prefix / "var" / "lib" / "tls" / "server.key"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    config = prefix / "etc" / "config.toml"
-    text = config.read_text()
-    assert f'tls_certificate = "{certificate}"' in text and f'tls_key = "{key}"' in text
-    names, addresses = certificate_names(certificate)
-    assert {"localhost", socket.gethostname()} <= names
-    assert {ipaddress.ip_address("127.0.0.1"), *machine_addresses()} <= addresses
-    dates = subprocess.run(["openssl", "x509", "-in", str(certificate), "-noout", "-startdate",
-                            "-enddate"], capture_output=True, text=True, check=True,
-                           timeout=60).stdout
-    begins, ends = (datetime.strptime(line.split("=", 1)[1], "%b %d %H:%M:%S %Y %Z")
-                    for line in dates.splitlines())
-    assert (ends - begins).days == 825
-
-    # The installed service serves HTTPS with it, and nothing on plain HTTP.
-    port = free_port()
-    config.write_text(text.replace("port = 8000", f"port = {port}")
-                      .replace('device = "auto"', 'device = "cpu"')
-                      .replace("width = 512", "width = 64").replace("height = 512", "height = 64")
-                      .replace("steps = 25", "steps = 2"))
-    log_path = tmp_path / "serve.log"
-    trust = ssl.create_default_context(cafile=str(certificate))
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([str(prefix / "bin" / "appliance"), "serve"], cwd=tmp_path,
-                                  stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"https://127.0.0.1:{port}/readyz", verify=trust,
-                             timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-    # Running it again keeps the certificate; given files replace it.
-    again = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
-                    "--tls", cwd=tmp_path)
-    assert again.returncode == 0 and "keeping the certificate" in again.stdout, again.stderr
-    own = tmp_path / "own"
-    own.mkdir()
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:P-256", "-nodes", "-days", "30", "-subj", "/CN=images",
-                    "-keyout", str(own / "k.pem"), "-out", str(own / "c.pem")],
-                   check=True, capture_output=True, timeout=60)
-    given = install("--prefix", str(prefix), "--python", sys.executable, "--reuse-packages",
-                    "--tls-cert", str(own / "c.pem"), "--tls-key", str(own / "k.pem"),
-                    cwd=tmp_path)
-    assert given.returncode == 0, given.stdout + given.stderr
-    assert certificate.read_bytes() == (own / "c.pem").read_bytes()
-    assert key.read_bytes() == (own / "k.pem").read_bytes()
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert f'tls_certificate = "{certificate}"' in config.read_text()
-    # Nothing of the installation is left behind (the suite's leak search reads every file).
-    purged = install("--uninstall", "--purge", "--prefix", str(prefix), cwd=tmp_path)
-    assert purged.returncode == 0, purged.stdout + purged.stderr
-    assert not (prefix / "venv").exists()
 
 
 @pytest.fixture(scope="module")
