@@ -171,6 +171,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[model]\ndevice = \"gpu\"\n", "model.device must be auto, cpu, cuda or cuda:N"),
         ("[model]\ndtype = \"int8\"\n", "model.dtype must be one of auto, float32"),
         ("[storage]\ndatabase = 3\n", "storage.database must be a path string"),
+        ("[storage]\ndatabase = \"postgresql://app:s3cret@db:5432/images\"\n",
+         "storage.database must be a path on this machine, not a postgresql:// URL"),
+        ("[model]\npath = \"https://huggingface.co/runwayml/sd\"\n",
+         "model.path must be a path on this machine, not a https:// URL"),
         ("server = 1\n", "server must be a table"),
         ("[server\n", "not valid TOML"),
         ("[engine]\nbatch_window_seconds = 5\n[health]\nworker_stall_seconds = 5\n",
@@ -183,6 +187,7 @@ def test_bad_settings_stop_with_one_line_naming_the_key(tmp_path, text, message)
         load_config(path)
     assert message in str(caught.value)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert "s3cret" not in str(caught.value)  # a URL's password is never repeated
 
 
 def test_integer_accepted_where_a_number_is_expected(tmp_path):

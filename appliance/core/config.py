@@ -804,6 +804,12 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     expected = type(default)
     if isinstance(default, Path):
+        if isinstance(value, str) and _URL.match(value.strip()):
+            # Not shown: a database URL may carry a password.
+            scheme = value.strip().split(":", 1)[0]
+            raise ConfigError(f"{key} must be a path on this machine, not a {scheme}:// URL"
+                              " (this version keeps its data in a SQLite file and reads"
+                              " models from folders)")
         if isinstance(value, str) and value.strip():
             return Path(value).expanduser()
         raise ConfigError(f"{key} must be a path string, got {_describe(value)}")
@@ -822,6 +828,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     if not isinstance(value, expected):
         raise ConfigError(f"{key} must be {_TYPE_WORDS[expected]}, got {_describe(value)}")
     return value
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _describe(value: Any) -> str:
