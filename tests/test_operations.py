@@ -35,7 +35,7 @@ from appliance.ops.doctor import (
 )
 from appliance.ops.housekeeping import Housekeeping
 from appliance.ops.initialise import make_secret_file
-from appliance.runtime.logs import _SECRET_PATTERNS, configure_logging, redact
+from appliance.runtime.logs import _SECRET_PATTERNS, LogfmtFormatter, configure_logging, redact
 from appliance.services import Services
 from appliance.web.app import create_app
 
@@ -340,6 +340,21 @@ def test_redaction_skips_only_lines_no_pattern_can_match(text):
     for pattern, replacement in _SECRET_PATTERNS:
         expected = pattern.sub(replacement, expected)
     assert redact(text) == expected
+
+
+@pytest.mark.parametrize("created", [
+    1_764_567_890.0, 1_764_567_890.9999999, 1_764_567_891.0004, 1_764_567_891.5,
+    # A minute, an hour and a day turning, read after one another: the second's text
+    # is made again each time.
+    1_764_575_999.999, 1_764_576_000.0, 1_764_633_600.25,
+])
+def test_a_lines_time_is_its_record_time_to_the_millisecond(created):
+    record = logging.LogRecord("appliance", logging.INFO, "x", 1, "hello", None, None)
+    record.created = created
+    line = LogfmtFormatter().format(record)
+    second = datetime.fromtimestamp(int(created), UTC)
+    expected = utc_iso(second)[:-4] + f"{int((created - int(created)) * 1000):03d}Z"
+    assert line.startswith(f"ts={expected} level=info logger=appliance msg=hello"), line
 
 
 def test_doctor_names_each_account_whose_balance_differs_from_its_ledger(config, database):

@@ -80,7 +80,6 @@ class JobService:
         self.images_dir = images_dir
         # Whether a cached image may be read on the event loop (cached_reads.py).
         self.images_on_local_disk = on_local_disk(images_dir)
-        # What a request that names no parameters gets (config.toml's [generation]).
 
     def submit(self, request: JobRequest) -> Submitted:
         """Charges and queues the job, or answers a retried Idempotency-Key as the first time."""

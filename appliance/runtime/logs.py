@@ -72,8 +72,9 @@ class _Timestamps:
         if latest is None or latest[0] != second:
             latest = self._latest = (second,
                                      utc_iso(datetime.fromtimestamp(second, UTC))[:-5])
-        # msecs: the record's milliseconds past that second, as logging computes them.
-        return f"{latest[1]}.{int(record.msecs):03d}Z"
+        # From `created` itself, not logging's msecs (computed otherwise on newer
+        # Pythons): the second and its milliseconds always agree.
+        return f"{latest[1]}.{int((record.created - second) * 1000):03d}Z"
 
 
 _timestamp = _Timestamps()
