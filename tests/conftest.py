@@ -21,7 +21,7 @@ from appliance.web.app import create_app
 
 from .cli_helpers import write_cli_config
 from .helpers import QUICK_HASHER, TEST_GENERATION, Client, InstantGenerator
-from .serve_process import Launcher, free_port
+from .serve_process import Launcher, ServeProcess, free_port
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -132,25 +132,30 @@ def launcher() -> Iterator[Launcher]:
     launcher.close()
 
 
-@pytest.fixture
-def fresh_server(tmp_path):
-    """`python -m appliance serve` as a newcomer starts it: a config of its own and no model
-    folder, so that it makes the demo model itself. (base URL, config, process, log)"""
+def newcomer_config(folder: Path) -> tuple[Path, str]:
+    """A config of its own and no model folder, so that serve makes the demo model itself;
+    and the base URL it serves."""
     port = free_port()
-    config = tmp_path / "config.toml"
-    # No model folder: serve must make the tiny demo model by itself.
+    config = folder / "config.toml"
     config.write_text(
         f'[server]\nport = {port}\n'
         '[model]\npath = "models/demo"\ndevice = "cpu"\n'
         '[generation]\nwidth = 64\nheight = 64\nsteps = 2\n'
     )
+    return config, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def fresh_server(tmp_path):
+    """`python -m appliance serve` as a newcomer starts it: a config of its own and no model
+    folder, so that it makes the demo model itself. (base URL, config, process, log)"""
+    config, base = newcomer_config(tmp_path)
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         command = [sys.executable, "-m", "appliance", "serve", "--config", str(config)]
         process = subprocess.Popen(command,
                                    stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
     if not answers_ok(f"{base}/healthz", lambda: process.poll() is None, 120):
         process.kill()
         raise AssertionError(f"server did not start:\n{log_path.read_text()}")
@@ -158,3 +163,15 @@ def fresh_server(tmp_path):
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+@pytest.fixture
+def forked_server(tmp_path, launcher):
+    """The newcomer's server of fresh_server, forked by the launcher from an interpreter that
+    has imported torch: for tests of what the server shows (the browser tests), not of how
+    an interpreter starts it. (base URL, config, ServeProcess, log)"""
+    config, _ = newcomer_config(tmp_path)
+    log_path = tmp_path / "serve.log"
+    server = ServeProcess(config, log_path, launcher).start()
+    yield server.url, config, server, log_path
+    server.kill()

@@ -28,8 +28,8 @@ def browser():
         browser.close()
 
 
-def test_a_new_user_signs_in_makes_a_key_uses_it_and_revokes_it(fresh_server, browser):
-    base, config, _, log_path = fresh_server
+def test_a_new_user_signs_in_makes_a_key_uses_it_and_revokes_it(forked_server, browser):
+    base, config, _, log_path = forked_server
     # Only this test's own screenshots: other browser tests keep theirs here too.
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("[0-9][0-9]-*.png"):

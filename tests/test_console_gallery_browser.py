@@ -75,8 +75,8 @@ def large_view(page) -> dict:
             "image": dialog.locator("img").get_attribute("src")}
 
 
-def test_the_gallery_grid_large_view_and_filters_in_a_browser(fresh_server):
-    base, config, _, _ = fresh_server
+def test_the_gallery_grid_large_view_and_filters_in_a_browser(forked_server):
+    base, config, _, _ = forked_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("gallery-*.png"):
         old.unlink()

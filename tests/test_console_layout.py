@@ -161,8 +161,8 @@ def readme_shot(page, name: str, folder: Path) -> None:
     page.screenshot(path=str(README_SHOTS / f"{name}.png"), full_page=True)
 
 
-def test_every_console_page_fits_390_and_1280_pixels(fresh_server):
-    base, config, _, _ = fresh_server
+def test_every_console_page_fits_390_and_1280_pixels(forked_server):
+    base, config, _, _ = forked_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("layout-*.png"):
         old.unlink()

@@ -234,7 +234,7 @@ def test_the_rate_ring_forgets_after_an_hour_and_counts_by_minute():
 
 @pytest.mark.system
 def test_the_system_page_dashboard_and_playground_in_a_browser_at_phone_and_desktop_widths(
-        fresh_server):
+        forked_server):
     # Imported here: that module skips itself where chromium is missing, which must not
     # skip this module's quick tests.
     from .browser_helpers import (
@@ -247,7 +247,7 @@ def test_the_system_page_dashboard_and_playground_in_a_browser_at_phone_and_desk
     )
     from .test_console_dashboard import at_noon, made_job
 
-    base, config_path, _, _ = fresh_server
+    base, config_path, _, _ = forked_server
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     database = ConnectionPool(load_config(config_path).storage.database)
     db = database.db()

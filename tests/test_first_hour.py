@@ -221,13 +221,13 @@ def test_serve_and_generate_start_without_notices_from_other_libraries(fresh_ser
 
 
 @pytest.mark.system
-def test_the_playground_says_where_credits_come_from_in_a_browser(fresh_server):
+def test_the_playground_says_where_credits_come_from_in_a_browser(forked_server):
     # Imported here: that module skips itself where chromium is missing, which must not
     # skip this module's quick tests.
     from .browser_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, sync_playwright
     from .browser_helpers import sign_in as sign_in_page
 
-    base, config, _process, _log = fresh_server
+    base, config, _process, _log = forked_server
     database = ConnectionPool(config_module.load_config(config).storage.database)
     for email, is_admin in (("admin@example.com", True), ("user@example.com", False)):
         accounts.create_account(database.db(), email, PASSWORD, audit.Actor.cli(),
