@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from .serve_process import cli
+from .serve_process import ServeProcess, cli, write_config
 
 pytestmark = pytest.mark.system
 
@@ -51,4 +51,23 @@ def test_documented_curl_flow_on_a_real_server(fresh_server, tmp_path):
     log = log_path.read_text()
     assert "Application shutdown complete" in log
     assert "tiny demo model" in log
+    # A line a request, by default (logging.access_log).
+    assert 'logger=uvicorn.access msg="127.0.0.1:' in log and "path=/api/playground/images" in log
     assert key not in log and key[12:] not in log
+
+
+def test_with_the_access_log_off_requests_are_counted_but_not_logged(tmp_path, tiny_model,
+                                                                    launcher):
+    config = write_config(tmp_path, tiny_model, logging={"access_log": False})
+    server = ServeProcess(config, tmp_path / "serve.log", launcher).start()
+    try:
+        for _ in range(3):
+            assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    finally:
+        server.stop()
+    assert ('appliance_http_requests_total{app_name="appliance",method="GET",'
+            'path="/healthz",status_code="200"} 3.0') in metrics
+    log = (tmp_path / "serve.log").read_text()
+    assert "ready: serving" in log  # the service's own lines still come
+    assert "logger=uvicorn.access" not in log

@@ -554,6 +554,14 @@ class LoggingConfig:
         _one_of("logfmt", "json"))
     level: str = setting("info", "debug, info, warning or error.",
                          _one_of("debug", "info", "warning", "error"))
+    access_log: bool = setting(
+        True,
+        "Write a line for every HTTP request (method, path, status, client). At hundreds of"
+        " requests a second (clients polling their jobs) it is about a sixth of a status"
+        " poll's server time, and journald's default rate limit (10,000 lines in 30 s for a"
+        " service) then drops lines, warnings and errors among them: behind a proxy that"
+        " logs requests, or with many polling clients, set false. /metrics counts every"
+        " request by route and status either way.")
 
 
 # [models.NAME]: one installed model's own settings, where it needs them. Each key

@@ -125,7 +125,7 @@ class NotifyingServer(uvicorn.Server):
 
 
 def uvicorn_config(app: Callable[..., Any], host: str, port: int,
-                   guard: ConnectionGuard) -> uvicorn.Config:
+                   guard: ConnectionGuard, access_log: bool = True) -> uvicorn.Config:
     limits = guard.limits
     # log_config=None: uvicorn's records go through the root logger's format.
     # ws="none": the app has no WebSocket routes, so an upgrade request is plain HTTP.
@@ -133,6 +133,7 @@ def uvicorn_config(app: Callable[..., Any], host: str, port: int,
     # connections are open, idle ones included; the guard's cap displaces those.
     return uvicorn.Config(app, host=host, port=port, log_config=None,
                           timeout_graceful_shutdown=30, http=protocol_class(guard), ws="none",
+                          access_log=access_log,
                           backlog=limits.backlog, timeout_keep_alive=limits.keep_alive)
 
 
@@ -161,7 +162,8 @@ def run_service(config: Config, host: str, port: int) -> int:
         services = Services.build(config)
         app = create_app(services)
         _log_limits(limits, open_files)
-        server = NotifyingServer(uvicorn_config(app, host, port, ConnectionGuard(limits, tls)),
+        server = NotifyingServer(uvicorn_config(app, host, port, ConnectionGuard(limits, tls),
+                                                config.logging.access_log),
                                  notifier, services.stopping)
         scheme = "https" if tls else "http"
         supervisor = Supervisor(server, services.engine, config, notifier,
