@@ -43,20 +43,25 @@ def tiny_model(tmp_path_factory) -> Path:
     return synthesize(tmp_path_factory.mktemp("models") / "tiny", "tiny")
 
 
+def config_for_tests(folder: Path, tiny_model: Path, **sections) -> Config:
+    """The tests' config: its data in `folder`, the tiny model on the CPU; `sections` add to it."""
+    raw = {
+        "storage": {"data_dir": str(folder / "data"),
+                    "database": str(folder / "data" / "appliance.db")},
+        "model": {"path": str(tiny_model), "device": "cpu"},
+        "generation": dict(TEST_GENERATION),
+        # The host name Litestar's TestClient sends; any other name is refused.
+        "server": {"allowed_hosts": "testserver.local"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return config_from_dict(raw, base_dir=folder)
+
+
 @pytest.fixture
 def make_config(tmp_path, tiny_model) -> Callable[..., Config]:
     def make(**sections) -> Config:
-        raw = {
-            "storage": {"data_dir": str(tmp_path / "data"),
-                        "database": str(tmp_path / "data" / "appliance.db")},
-            "model": {"path": str(tiny_model), "device": "cpu"},
-            "generation": dict(TEST_GENERATION),
-            # The host name Litestar's TestClient sends; any other name is refused.
-            "server": {"allowed_hosts": "testserver.local"},
-        }
-        for name, values in sections.items():
-            raw.setdefault(name, {}).update(values)
-        return config_from_dict(raw, base_dir=tmp_path)
+        return config_for_tests(tmp_path, tiny_model, **sections)
 
     return make
 
@@ -73,6 +78,15 @@ def database(config) -> Iterator[ConnectionPool]:
     database.close()
 
 
+def wait_until_ready(services: Services) -> None:
+    """Until the engine has loaded its model (an app's lifespan starts it)."""
+    deadline = time.monotonic() + 60
+    while not services.engine.ready:
+        if services.engine.load_error or time.monotonic() > deadline:
+            raise AssertionError(f"engine not ready: {services.engine.load_error}")
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def make_client(config, database) -> Iterator[Callable[..., Client]]:
     """Starts the app (lifespan, worker, model) with an optional generator replacement."""
@@ -83,11 +97,7 @@ def make_client(config, database) -> Iterator[Callable[..., Client]]:
         client = TestClient(create_app(services))
         client.__enter__()
         clients.append(client)
-        deadline = time.monotonic() + 60
-        while not services.engine.ready:
-            if services.engine.load_error or time.monotonic() > deadline:
-                raise AssertionError(f"engine not ready: {services.engine.load_error}")
-            time.sleep(0.02)
+        wait_until_ready(services)
         return Client(client, database, services)
 
     yield make
@@ -98,6 +108,21 @@ def make_client(config, database) -> Iterator[Callable[..., Client]]:
 @pytest.fixture
 def client(make_client) -> Client:
     return make_client()
+
+
+@pytest.fixture(scope="module")
+def shared_instant_client(tmp_path_factory, tiny_model) -> Iterator[Client]:
+    """One app (InstantGenerator in place of the model) for all of a module's tests that
+    use it. For tests run over many inputs that each make their own account
+    (Client.fresh_account) and look at nothing beyond it: starting an app for every input
+    was a good part of the quick tests' time."""
+    config = config_for_tests(tmp_path_factory.mktemp("shared"), tiny_model)
+    database = ConnectionPool(config.storage.database)
+    services = Services.build(config, load_generator=InstantGenerator)
+    with TestClient(create_app(services)) as client:
+        wait_until_ready(services)
+        yield Client(client, database, services)
+    database.close()
 
 
 @pytest.fixture

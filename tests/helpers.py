@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 from argon2 import PasswordHasher
 from litestar.testing import TestClient
@@ -35,6 +36,14 @@ class Client:
     def account(self, email: str = "dev@example.com", credits: int = 6) -> accounts.Account:
         return accounts.create_account(self.database.db(), email, "correct horse battery",
                                        audit.Actor.cli(), credits=credits)
+
+    def fresh_account(self, credits: int = 6) -> accounts.Account:
+        """An account no other test has: for tests that share one app."""
+        return self.account(f"{uuid.uuid4().hex}@example.com", credits)
+
+    def jobs_of(self, account: accounts.Account) -> int:
+        return self.database.db().execute("SELECT COUNT(*) FROM jobs WHERE account_id = ?",
+                                          [account.id]).fetchone()[0]
 
     def key(self, account: accounts.Account, name: str = "Production") -> str:
         return keys.create_key(self.database.db(), account.id, name, audit.Actor.cli())[1]

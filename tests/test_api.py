@@ -75,9 +75,10 @@ def test_seeds_are_recorded_and_differ_between_images(client):
         ({"Authorization": "Bearer wi_live_" + "a" * 64}, 401, "Invalid API key"),
     ],
 )
-def test_authentication_errors_have_the_contract_texts(instant_client, headers, status, error):
-    client = instant_client
-    account = client.account()
+def test_authentication_errors_have_the_contract_texts(shared_instant_client, headers, status,
+                                                      error):
+    client = shared_instant_client
+    account = client.fresh_account()
     client.key(account)
     for method, path in (("POST", URL), ("GET", f"{URL}/{uuid.uuid4()}")):
         response = client.http.request(method, path, json={"prompts": ["x"]}, headers=headers)
@@ -126,16 +127,16 @@ def test_insufficient_credits_charges_nothing(instant_client):
          "'prompts' has 101 prompts; at most 100 are allowed per request"),
     ],
 )
-def test_bad_bodies_get_a_clear_400_and_cost_nothing(instant_client, content, error):
-    client = instant_client
-    account = client.account(credits=1000)
+def test_bad_bodies_get_a_clear_400_and_cost_nothing(shared_instant_client, content, error):
+    client = shared_instant_client
+    account = client.fresh_account(credits=1000)
     key = client.key(account)
     response = client.http.post(URL, content=content,
                                 headers={**bearer(key), "Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"].startswith(error)
     assert client.balance(account) == 1000
-    assert client.database.db()["jobs"].count == 0
+    assert client.jobs_of(account) == 0
 
 
 def test_another_accounts_job_is_answered_like_an_unknown_one(instant_client):

@@ -33,9 +33,9 @@ def assert_no_trouble_logged(caplog) -> None:
 
 @pytest.mark.parametrize("host", BAD_HOSTS)
 def test_a_malformed_host_gets_400_on_every_kind_of_route_and_logs_nothing(
-        instant_client, caplog, host):
-    client = instant_client
-    account = client.account(credits=6)
+        shared_instant_client, caplog, host):
+    client = shared_instant_client
+    account = client.fresh_account(credits=6)
     key = client.key(account)
     caplog.set_level(logging.DEBUG)
     for method, path, headers in (
@@ -52,7 +52,7 @@ def test_a_malformed_host_gets_400_on_every_kind_of_route_and_logs_nothing(
         assert "Host header" in response.json()["error"], path
         assert "set-cookie" not in response.headers
     assert_no_trouble_logged(caplog)
-    assert client.balance(account) == 6 and client.database.db()["jobs"].count == 0
+    assert client.balance(account) == 6 and client.jobs_of(account) == 0
 
 
 def test_the_refusal_says_what_is_wrong_with_the_host(instant_client):

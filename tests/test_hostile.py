@@ -122,16 +122,17 @@ VALID_HEX = "0123456789abcdef" * 4
     ("Bearerwi_live_" + VALID_HEX, "Missing or invalid Authorization header"),
     ("wi_live_" + VALID_HEX, "Missing or invalid Authorization header"),
 ])
-def test_almost_valid_keys_are_refused_with_the_right_error(instant_client, authorization, error):
-    client = instant_client
-    account = client.account(credits=6)
+def test_almost_valid_keys_are_refused_with_the_right_error(shared_instant_client,
+                                                           authorization, error):
+    client = shared_instant_client
+    account = client.fresh_account(credits=6)
     real = client.key(account)
     assert real != "wi_live_" + VALID_HEX
     for method, path in (("POST", URL), ("GET", f"{URL}/{uuid.uuid4()}")):
         response = client.http.request(method, path, json={"prompts": ["a"]},
                                        headers={"Authorization": authorization.encode()})
         assert (response.status_code, response.json()) == (401, {"error": error}), method
-    assert_nothing_charged(client, account, 6)
+    assert client.balance(account) == 6 and client.jobs_of(account) == 0
 
 
 def test_a_real_key_with_one_character_changed_is_unknown(instant_client):
