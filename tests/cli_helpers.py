@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 from click.testing import CliRunner, Result
 
-from appliance.cli.main import cli
+from appliance.cli.main import cli, main
 
 
 def write_cli_config(folder: Path) -> Path:
@@ -18,3 +21,15 @@ def write_cli_config(folder: Path) -> Path:
 
 def invoke(config_file: Path, *args: str, stdin: str = "") -> Result:
     return CliRunner().invoke(cli, [*args, "--config", str(config_file)], input=stdin)
+
+
+def run_benchmark(capsys: pytest.CaptureFixture[str], results: Path,
+                  *args: str) -> tuple[str, dict[str, Any]]:
+    """`appliance ARGS --json RESULTS`, which must succeed: what it printed (shown in the
+    test's output too) and the figures it wrote."""
+    code = main([*args, "--json", str(results)])
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed)
+    assert code == 0
+    return printed, json.loads(results.read_text())

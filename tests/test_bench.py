@@ -20,6 +20,8 @@ from appliance.bench import (
 from appliance.cli.main import main
 from appliance.core.config import config_from_dict
 
+from .cli_helpers import run_benchmark
+
 # main() points the root logger at each test's captured stderr, which closes after it.
 pytestmark = pytest.mark.usefixtures("root_handlers_restored")
 
@@ -29,16 +31,11 @@ def test_short_cpu_pass_prints_and_records_the_figures(tiny_model, tmp_path, cap
     config = tmp_path / "config.toml"
     config.write_text(f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n')
     results, table = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
-    code = main(["bench", "--config", str(config), "--width", "64", "--height", "64",
-                 "--steps", "2", "--batch-size", "4", "--images", "8", "--baseline-images", "2",
-                 "--clients", "2", "--job-size", "2", "--poll-seconds", "0.2",
-                 "--json", str(results), "--markdown", str(table)])
-    printed = capsys.readouterr().out
-    with capsys.disabled():
-        print("\n" + printed)
-    assert code == 0
+    printed, result = run_benchmark(
+        capsys, results, "bench", "--config", str(config), "--width", "64", "--height", "64",
+        "--steps", "2", "--batch-size", "4", "--images", "8", "--baseline-images", "2",
+        "--clients", "2", "--job-size", "2", "--poll-seconds", "0.2", "--markdown", str(table))
 
-    result = json.loads(results.read_text())
     appliance, baseline = result["appliance"], result["baseline"]
     made = (appliance["completed_images"], appliance["failed_images"], appliance["jobs"])
     assert made == (8, 0, 4)
@@ -157,14 +154,10 @@ def test_the_server_gets_the_benchmarks_settings_with_paths_absolute(tmp_path):
 @pytest.mark.system
 def test_the_models_benchmark_times_loads_and_each_run_against_one_model(tmp_path, capsys):
     results = tmp_path / "models.json"
-    code = main(["bench-models", "--device", "cpu", "--width", "64", "--steps", "1",
-                 "--batch-size", "2", "--images", "4", "--job-size", "2", "--loads", "1",
-                 "--rounds", "1", "--swap-seconds", "0", "--json", str(results)])
-    printed = capsys.readouterr().out
-    with capsys.disabled():
-        print("\n" + printed)
-    assert code == 0
-    result = json.loads(results.read_text())
+    printed, result = run_benchmark(
+        capsys, results, "bench-models", "--device", "cpu", "--width", "64", "--steps", "1",
+        "--batch-size", "2", "--images", "4", "--job-size", "2", "--loads", "1", "--rounds", "1",
+        "--swap-seconds", "0")
     runs = result["runs"]
     assert list(runs) == ["one model", "two models, both loaded", "two models, one at a time"]
     assert all(run["images"] == 4 and run["images_per_second"] > 0 for run in runs.values())

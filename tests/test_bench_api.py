@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 
 from appliance.bench import http
 from appliance.bench.http import Load, Target, parse_wrk
-from appliance.cli.main import main
+
+from .cli_helpers import run_benchmark
 
 WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:18999/job
   1 threads and 4 connections
@@ -63,13 +63,9 @@ def test_a_short_run_prints_each_figure_beside_the_bare_route(tiny_model, tmp_pa
     config = tmp_path / "config.toml"
     config.write_text(f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n')
     results = tmp_path / "api.json"
-    code = main(["bench-api", "--config", str(config), "--seconds", "1", "--connections", "4",
-                 "--posts", "2", "--rounds", "1", "--json", str(results)])
-    printed = capsys.readouterr().out
-    with capsys.disabled():
-        print("\n" + printed)
-    assert code == 0
-    result = json.loads(results.read_text())
+    printed, result = run_benchmark(
+        capsys, results, "bench-api", "--config", str(config), "--seconds", "1",
+        "--connections", "4", "--posts", "2", "--rounds", "1")
     loads = result["loads"]
     assert set(loads) == {"bare_route", "healthz", "job_read", "image_download"}
     assert loads["bare_route"]["ratio"] == 1.0
