@@ -107,9 +107,9 @@ def load(target: Target, seconds: int, connections: int) -> Load:
 
 
 def median_load(rounds: list[Load]) -> Load:
-    """Each figure's median over the rounds (the upper one of an even count)."""
+    """Each figure's median over the rounds."""
     def middle(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
+        return serving.percentile(values, 0.50)
 
     cpu = [r.cpu_us_per_request for r in rounds if r.cpu_us_per_request is not None]
     return Load(middle([r.requests_per_second for r in rounds]),

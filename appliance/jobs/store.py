@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -86,38 +86,47 @@ def image_seeds(count: int, base_seed: int | None) -> list[int]:
     return [(base_seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
-def image_view(row: dict[str, Any]) -> ImageView:
-    """An image from a row of job_images with these columns."""
-    return ImageView(row["idx"], row["prompt"], ImageStatus(row["status"]), row["seed"],
-                     row["error"], row["finished_at"])
+# The columns of job_images an ImageView is made from, in image_view's order.
+IMAGE_COLUMNS = ("idx", "prompt", "status", "seed", "error", "finished_at")
+
+
+def image_view(values: Sequence[Any]) -> ImageView:
+    """An image from the values of IMAGE_COLUMNS, in that order."""
+    index, prompt, status, seed, error, finished_at = values
+    return ImageView(index, prompt, ImageStatus(status), seed, error, finished_at)
+
+
+def _job_not_found() -> NotFound:
+    # Another account's job is answered exactly like one that does not exist.
+    return NotFound("Job not found")
 
 
 def _check_owner(db: Database, account_id: int, job_id: str) -> None:
     row = db.execute("SELECT 1 FROM jobs WHERE id = ? AND account_id = ?",
                      [job_id, account_id]).fetchone()
     if row is None:
-        # Another account's job is answered exactly like one that does not exist.
-        raise NotFound("Job not found")
+        raise _job_not_found()
 
 
 # A status poll is the request clients send most: get_job reads the job and its
 # images in one statement, through execute() with its columns named (sqlite-utils'
 # query() wraps each SELECT in a savepoint, three statements, and makes a dict a row).
+_JOB_WITH_IMAGES = (
+    "SELECT j.status, j.total_images, j.credits_used, j.credits_refunded, j.created_at,"
+    " j.started_at, j.finished_at, j.settings, j.seed, j.credits_per_image, "
+    + ", ".join(f"i.{column}" for column in IMAGE_COLUMNS)
+    + " FROM jobs j LEFT JOIN job_images i ON i.job_id = j.id"
+    " WHERE j.id = ? AND j.account_id = ? ORDER BY i.idx")
+
+
 def get_job(db: Database, account_id: int, job_id: str) -> JobView:
-    rows = db.execute(
-        "SELECT j.status, j.total_images, j.credits_used, j.credits_refunded, j.created_at,"
-        " j.started_at, j.finished_at, j.settings, j.seed, j.credits_per_image,"
-        " i.idx, i.prompt, i.status, i.seed, i.error, i.finished_at"
-        " FROM jobs j LEFT JOIN job_images i ON i.job_id = j.id"
-        " WHERE j.id = ? AND j.account_id = ? ORDER BY i.idx",
-        [job_id, account_id]).fetchall()
+    rows = db.execute(_JOB_WITH_IMAGES, [job_id, account_id]).fetchall()
     if not rows:
-        # Another account's job is answered exactly like one that does not exist.
-        raise NotFound("Job not found")
+        raise _job_not_found()
     (status, total_images, credits_used, credits_refunded, created_at, started_at, finished_at,
      settings, seed, credits_per_image) = rows[0][:10]
-    images = [ImageView(row[10], row[11], ImageStatus(row[12]), row[13], row[14], row[15])
-              for row in rows if row[10] is not None]
+    # A job always has images; an image's index is never null.
+    images = [image_view(row[10:]) for row in rows if row[10] is not None]
     counts: defaultdict[str, int] = defaultdict(int)
     for image in images:
         counts[image.status] += 1
@@ -151,7 +160,7 @@ def image_file(db: Database, images_dir: Path, account_id: int, job_id: str, ind
         [index, ImageStatus.COMPLETED, job_id, account_id],
     ).fetchone()
     if row is None:
-        raise NotFound("Job not found")
+        raise _job_not_found()
     if not row[0]:
         raise NotFound(f"image {index} of this job is not ready")
     return images_dir / row[0]
@@ -302,12 +311,12 @@ def _summaries(db: Database, rows: list[dict[str, Any]]) -> list[JobSummary]:
     images: dict[str, list[ImageView]] = defaultdict(list)
     if rows:
         marks = ", ".join("?" for _ in rows)
-        for r in db.query(
-            "SELECT job_id, idx, prompt, status, seed, error, finished_at FROM job_images"
+        for r in db.execute(
+            f"SELECT job_id, {', '.join(IMAGE_COLUMNS)} FROM job_images"
             f" WHERE job_id IN ({marks}) ORDER BY job_id, idx",
             [row["id"] for row in rows],
         ):
-            images[r["job_id"]].append(image_view(r))
+            images[r[0]].append(image_view(r[1:]))
     return [
         JobSummary(
             job_id=row["id"],

@@ -99,9 +99,10 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     fields.update(_access_fields(record))
     attributes = vars(record)
     # Most records (every access line) carry no fields of their own.
-    if attributes.keys() - _RECORD_ATTRIBUTES:
-        for name, value in attributes.items():
-            if name not in _RECORD_ATTRIBUTES and not name.startswith("_"):
+    extra = attributes.keys() - _RECORD_ATTRIBUTES
+    if extra:
+        for name, value in attributes.items():  # in the order they were given
+            if name in extra and not name.startswith("_"):
                 fields[name] = REDACTED if _SECRET_FIELD.search(name) else value
     if record.exc_info:
         fields["exc"] = logging.Formatter().formatException(record.exc_info)

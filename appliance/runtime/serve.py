@@ -125,7 +125,7 @@ class NotifyingServer(uvicorn.Server):
 
 
 def uvicorn_config(app: Callable[..., Any], host: str, port: int,
-                   guard: ConnectionGuard, access_log: bool = True) -> uvicorn.Config:
+                   guard: ConnectionGuard, access_log: bool) -> uvicorn.Config:
     limits = guard.limits
     # log_config=None: uvicorn's records go through the root logger's format.
     # ws="none": the app has no WebSocket routes, so an upgrade request is plain HTTP.
