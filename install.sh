@@ -31,6 +31,14 @@
 #   --tls-cert FILE --tls-key FILE
 #                      serve HTTPS with this certificate (PEM, any intermediates after it)
 #                      and its unencrypted key instead: both are copied into the data folder
+#   --database-url URL cluster mode (README: Scaling out): this node joins the PostgreSQL
+#                      database postgresql://USER:PASSWORD@HOST:PORT/DBNAME that all nodes
+#                      share, instead of a SQLite file of its own. The URL becomes
+#                      storage.database in the config (an existing config too, once the
+#                      database has answered), which is then readable only by root and the
+#                      service's user. install.sh shows the URL with its password as ***.
+#                      The password goes in the user part, its reserved characters
+#                      percent-encoded (@ as %40, / as %2F)
 #
 # Environment:
 #   PYTHON            the Python 3.11+ to build the virtual environment with (default: python3)
@@ -119,6 +127,13 @@ install_test_tools() {
     if ! command -v chromium >/dev/null 2>&1; then
         say "installing chromium (the console's browser tests drive it)"
         apt_install chromium fonts-dejavu-core
+    fi
+    # Only the server binaries are used (initdb, pg_ctl): the tests make a server in a
+    # folder of their own. Debian's package also sets up a cluster of its own; the tests
+    # never use it.
+    if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+        say "installing postgresql (the cluster-mode tests start a PostgreSQL server of their own)"
+        apt_install postgresql
     fi
 }
 
@@ -385,6 +400,113 @@ except ConfigError as problem:
     say "HTTPS is on; clients trust the certificate $cert, e.g. curl --cacert server.crt https://$(hostname 2>/dev/null || echo localhost):PORT/healthz"
 }
 
+# The database URL as install.sh prints it: the password in its user part replaced by
+# ***. The parts are cut as Python's urlsplit cuts them.
+masked_url() {
+    local url="$1" scheme rest authority tail user
+    scheme="${url%%://*}"
+    rest="${url#*://}"
+    authority="${rest%%[/?#]*}"
+    tail="${rest#"$authority"}"
+    if [[ "$authority" == *@* ]]; then
+        user="${authority%@*}"
+        if [[ "$user" == *:* ]]; then
+            authority="${user%%:*}:***@${authority##*@}"
+        fi
+    fi
+    printf '%s://%s%s\n' "$scheme" "$authority" "$tail"
+}
+
+# Refuses what is not a postgresql:// URL before anything is installed, never naming it
+# (it may hold a password).
+check_database_url() {
+    local url="$1"
+    case "${url,,}" in
+        postgresql://*|postgres://*) ;;
+        *) die "--database-url takes a postgresql:// URL: postgresql://USER:PASSWORD@HOST:PORT/DBNAME" ;;
+    esac
+    # Only a URL's own characters: the URL is written into the config as a TOML string,
+    # which no quote or backslash may end.
+    local allowed='^[][A-Za-z0-9._~:/?#@!$&'"'"'()*+,;=%-]+$'
+    [[ "$url" =~ $allowed ]] ||
+        die "--database-url holds a space, quote or backslash: percent-encode it (a space as %20)"
+    # The service masks the password of the user part only, wherever it shows the URL.
+    case "$url" in
+        *[?\&]password=*)
+            die "--database-url: put the password in the user part (postgresql://USER:PASSWORD@HOST:PORT/DBNAME), not in a password= parameter" ;;
+    esac
+}
+
+# Cluster mode: sets storage.database to the URL, in a private copy of the config that
+# `appliance init` tries first, so that the config changes only once the database has
+# answered and holds the schema. The local SQLite file is never made.
+install_database() {
+    local system="$1" url="$2"
+    if [ -z "$url" ]; then
+        return
+    fi
+    # The service's own check of the URL (host, port, database name), refused as the
+    # option it came from. In the environment, not on a command line others can read.
+    DATABASE_URL="$url" "$VENV/bin/python" -c '
+import os, sys
+from appliance.core.database_url import DatabaseUrl
+try:
+    DatabaseUrl(os.environ["DATABASE_URL"])
+except ValueError as problem:
+    sys.exit(f"install.sh: --database-url {problem}")
+' || exit 1
+    say "joining the database $(masked_url "$url")"
+    rm -f "$CONFIG.tmp"
+    # Private before the password is written into it.
+    (umask 077 && : >"$CONFIG.tmp")
+    if [ "$system" = 1 ]; then
+        chown "root:$SERVICE_USER" "$CONFIG.tmp"
+        chmod 640 "$CONFIG.tmp"
+    fi
+    DATABASE_URL="$url" awk '
+        function put() { print "database = \"" ENVIRON["DATABASE_URL"] "\""; done = 1 }
+        /^\[/ {
+            if (section == "storage" && !done) put()
+            section = $0
+            gsub(/^\[[[:space:]]*|[[:space:]]*\].*$/, "", section)
+        }
+        section == "storage" && /^[[:space:]]*database[[:space:]]*=/ { if (!done) put(); next }
+        { print }
+        END {
+            if (!done) {
+                if (section != "storage") print "\n[storage]"
+                put()
+            }
+        }
+    ' "$CONFIG" >"$CONFIG.tmp"
+    # Its one line says why (the password masked); the config stays as it was.
+    "$WRAPPER" --config "$CONFIG.tmp" init || {
+        rm -f "$CONFIG.tmp"
+        exit 1
+    }
+    mv "$CONFIG.tmp" "$CONFIG"
+    if [ -f "$STATE_DIR/appliance.db" ]; then
+        warn "the accounts, keys and images of $STATE_DIR/appliance.db stay in that file: this node serves the cluster's database instead"
+    fi
+}
+
+# A config whose database URL may hold a password is readable by root and the service's
+# user only (an operator's own config too: its mode is only ever tightened).
+protect_config() {
+    local system="$1" before
+    grep -qiE '^[[:space:]]*database[[:space:]]*=[[:space:]]*["'"'"']postgres(ql)?://' "$CONFIG" ||
+        return 0
+    before="$(stat -c %a "$CONFIG")"
+    if [ "$system" = 1 ]; then
+        chmod o-rwx "$CONFIG"
+    else
+        chmod go-rwx "$CONFIG"
+    fi
+    if [ "$(stat -c %a "$CONFIG")" != "$before" ]; then
+        say "the config holds the database's URL: made $CONFIG readable by its owner$([ "$system" = 1 ] && echo " and the group $SERVICE_USER") only"
+    fi
+}
+
 install_model() {
     local system="$1" model="$2" model_dir="$3" no_model="$4"
     local model_path
@@ -447,7 +569,7 @@ explain_failed_start() {
 
 install_service() {
     local prefix="$1" python="$2" reuse="$3" model="$4" model_dir="$5" no_model="$6"
-    local tls="$7" tls_cert="$8" tls_key="$9"
+    local tls="$7" tls_cert="$8" tls_key="$9" database_url="${10}"
     local root system=1
     root="$(cd "$(dirname "$0")" && pwd)"
     [ -f "$root/pyproject.toml" ] || die "run install.sh from a checkout of AI Media Maker"
@@ -493,6 +615,8 @@ install_service() {
     write_config "$root" "$system"
     printf 'layout=%s\nconfig=%s\ndata=%s\n' "$([ "$system" = 1 ] && echo system || echo prefix)" \
         "$CONFIG" "$STATE_DIR" >"$MARKER"
+    protect_config "$system"
+    install_database "$system" "$database_url"
     install_tls "$system" "$tls" "$tls_cert" "$tls_key"
     "$WRAPPER" init
     install_model "$system" "$model" "$model_dir" "$no_model"
@@ -550,7 +674,7 @@ uninstall_service() {
 main() {
     local mode=service with_tests=0 prefix="" purge=0 reuse=0 no_model=0
     local python="${PYTHON:-python3}" model="$DEFAULT_MODEL" model_dir=""
-    local tls=0 tls_cert="" tls_key=""
+    local tls=0 tls_cert="" tls_key="" database_url=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --dev) mode=dev ;;
@@ -566,6 +690,7 @@ main() {
             --tls) tls=1 ;;
             --tls-cert) [ $# -ge 2 ] || die "--tls-cert needs a certificate file"; tls_cert="$(absolute "$2")"; shift ;;
             --tls-key) [ $# -ge 2 ] || die "--tls-key needs a key file"; tls_key="$(absolute "$2")"; shift ;;
+            --database-url) [ $# -ge 2 ] || die "--database-url needs a postgresql:// URL"; database_url="$2"; shift ;;
             -h|--help) usage; exit 0 ;;
             *) die "unknown option $1 (see --help)" ;;
         esac
@@ -587,11 +712,15 @@ main() {
     if [ "$tls" = 1 ] && [ "$mode" != service ]; then
         die "--tls, --tls-cert and --tls-key go with a system or --prefix install"
     fi
+    if [ -n "$database_url" ]; then
+        [ "$mode" = service ] || die "--database-url goes with a system or --prefix install"
+        check_database_url "$database_url"
+    fi
     case "$mode" in
         dev) install_dev "$with_tests" ;;
         uninstall) uninstall_service "$prefix" "$purge" ;;
         service) install_service "$prefix" "$python" "$reuse" "$model" "$model_dir" "$no_model" \
-            "$tls" "$tls_cert" "$tls_key" ;;
+            "$tls" "$tls_cert" "$tls_key" "$database_url" ;;
     esac
 }
 

@@ -20,6 +20,7 @@ from appliance.engine.engine import Engine
 from appliance.engine.worker import ImageGenerator
 from appliance.jobs.catalog import Catalog
 from appliance.jobs.service import JobService
+from appliance.jobs.shared_queue import SharedQueue
 from appliance.ops.housekeeping import Housekeeping
 from appliance.ops.scheduler import Scheduler
 
@@ -56,7 +57,10 @@ class Services:
             keys=KeyService(database),
             audit=AuditService(database),
             signin=SignInService(database, SignInLimits.from_config(config.console)),
-            jobs=JobService(database, engine.queue, config.limits, config.images_dir),
+            jobs=JobService(database, SharedQueue(database, config.engine.queue_capacity,
+                                                  engine.queue)
+                            if config.cluster_mode else engine.queue,
+                            config.limits, config.images_dir),
             catalog=catalog,
             engine=engine,
             scheduler=Scheduler(Housekeeping(config, database)),

@@ -21,6 +21,7 @@ from appliance.web.app import create_app
 
 from .cli_helpers import write_cli_config
 from .helpers import QUICK_HASHER, TEST_GENERATION, Client, InstantGenerator
+from .postgres_server import PostgresServer, require_postgres
 from .serve_process import Launcher, ServeProcess, free_port
 
 
@@ -28,6 +29,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--boot", action="store_true",
                      help="run the boot test (tests/test_boot.py): the system install on a"
                           " Debian booted in a container; .ci/run's last step")
+    parser.addoption("--database", choices=DATABASE_KINDS, default="sqlite",
+                     help="the database the app fixtures use (make_config, client, ...):"
+                          " postgresql runs them on a PostgreSQL server the tests start;"
+                          " modules marked both_databases run on both whatever this says")
+
+
+DATABASE_KINDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (metafunc.definition.get_closest_marker("both_databases")
+            and "database_kind" in metafunc.fixturenames):
+        metafunc.parametrize("database_kind", DATABASE_KINDS, indirect=True)
+
+
+@pytest.fixture
+def database_kind(request) -> str:
+    """sqlite or postgresql: both, for a test marked both_databases; sqlite for one marked
+    sqlite_only (it is about SQLite's file or locks); else --database."""
+    if request.node.get_closest_marker("sqlite_only"):
+        return "sqlite"
+    return getattr(request, "param", None) or request.config.getoption("--database")
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +66,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return synthesize(tmp_path_factory.mktemp("models") / "tiny", "tiny")
 
 
-def config_for_tests(folder: Path, tiny_model: Path, **sections) -> Config:
-    """The tests' config: its data in `folder`, the tiny model on the CPU; `sections` add to it."""
+def config_for_tests(folder: Path, tiny_model: Path, database_url: str | None = None,
+                     **sections) -> Config:
+    """The tests' config: its data in `folder`, the tiny model on the CPU; `sections` add to it.
+    The database is a SQLite file in `folder`, or the PostgreSQL database at `database_url`."""
     raw = {
         "storage": {"data_dir": str(folder / "data"),
-                    "database": str(folder / "data" / "appliance.db")},
+                    "database": database_url or str(folder / "data" / "appliance.db")},
         "model": {"path": str(tiny_model), "device": "cpu"},
         "generation": dict(TEST_GENERATION),
         # The host name Litestar's TestClient sends; any other name is refused.
@@ -59,9 +84,13 @@ def config_for_tests(folder: Path, tiny_model: Path, **sections) -> Config:
 
 
 @pytest.fixture
-def make_config(tmp_path, tiny_model) -> Callable[..., Config]:
+def make_config(request, tmp_path, tiny_model, database_kind) -> Callable[..., Config]:
+    # One database per test, made on first use (several configs of one test share it).
+    url = (request.getfixturevalue("postgres").new_database()
+           if database_kind == "postgresql" else None)
+
     def make(**sections) -> Config:
-        return config_for_tests(tmp_path, tiny_model, **sections)
+        return config_for_tests(tmp_path, tiny_model, url, **sections)
 
     return make
 
@@ -200,3 +229,13 @@ def forked_server(tmp_path, launcher):
     server = ServeProcess(config, log_path, launcher).start()
     yield server.url, config, server, log_path
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server of the suite's own for the whole run; a test takes a database
+    of its own from it with postgres.new_database()."""
+    bin_dir = require_postgres()
+    server = PostgresServer.start(bin_dir=bin_dir)
+    yield server
+    server.stop()

@@ -12,7 +12,7 @@ from litestar.testing import TestClient
 from PIL import Image
 
 from appliance.accounts import accounts, audit, keys
-from appliance.core.database import ConnectionPool
+from appliance.core.database import ConnectionPool, Database
 from appliance.services import Services
 
 # Small images and few steps keep the real pipeline fast on a CPU.
@@ -60,6 +60,24 @@ class Client:
             if time.monotonic() > deadline:
                 raise AssertionError(f"job {job_id} did not finish in {timeout} s: {job}")
             time.sleep(0.05)
+
+
+def count_rows(db: Database, table: str) -> int:
+    """How many rows a table holds, on either database."""
+    return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def row_by_id(db: Database, table: str, row_id: int) -> dict:
+    return next(db.query(f"SELECT * FROM {table} WHERE id = ?", [row_id]))
+
+
+def database_text(db: Database) -> str:
+    """Every value of every table as text: to look for what must never be stored."""
+    if db.dialect == "sqlite":
+        return "\n".join(db.conn.iterdump())  # type: ignore[attr-defined]
+    tables = [name for (name,) in db.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")]
+    return "\n".join(str(row) for table in tables for row in db.execute(f"SELECT * FROM {table}"))
 
 
 def bearer(key: str) -> dict[str, str]:

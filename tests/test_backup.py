@@ -23,6 +23,9 @@ from appliance.ops.lock import service_lock
 
 from .helpers import TEST_GENERATION
 
+# appliance backup and restore copy SQLite's file (cluster mode refuses them: test_cluster).
+pytestmark = pytest.mark.sqlite_only
+
 SETTINGS = GenerationSettings(**TEST_GENERATION)
 
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from appliance.accounts import accounts
 
 from .helpers import InstantGenerator, bearer
 from .live_server import GatedGenerator
+
+# The store's accounting on both databases: SQLite's file and cluster mode's PostgreSQL.
+pytestmark = pytest.mark.both_databases
 
 URL = "/api/playground/images"
 

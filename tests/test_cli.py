@@ -20,6 +20,7 @@ from appliance.cli.main import cli
 from appliance.core.database import open_database
 
 from .cli_helpers import invoke
+from .helpers import database_text
 
 # The command points the root logger at CliRunner's stderr, which closes after it.
 pytestmark = pytest.mark.usefixtures("root_handlers_restored")
@@ -79,7 +80,7 @@ def test_account_key_lifecycle(config_file, tmp_path):
     actions = [r["action"] for r in db.query("SELECT action FROM audit_log ORDER BY id")]
     assert actions == ["account.create", "key.create", "credits.grant", "credits.grant",
                        "key.delete"]
-    assert key not in "\n".join(db.conn.iterdump())
+    assert key not in database_text(db)
 
 
 def test_config_is_taken_before_the_command_or_on_it(config_file, tmp_path):
@@ -199,7 +200,8 @@ def test_the_real_command_exits_with_its_status_and_one_line(config_file):
     assert unknown.stderr == (
         "appliance: argument COMMAND: invalid choice: 'frobnicate' (choose from 'init', 'serve',"
         " 'accounts', 'credits', 'keys', 'models', 'generate', 'backup', 'restore', 'doctor',"
-        " 'bench', 'bench-api', 'bench-models') (see appliance --help)\n")
+        " 'cluster', 'bench', 'bench-api', 'bench-cluster', 'bench-models') (see appliance"
+        " --help)\n")
 
     refused = run(config_file, "keys", "create", "nobody@example.com", "--name", "x")
     assert (refused.returncode, refused.stdout) == (1, "")

@@ -22,6 +22,7 @@ from appliance.core.config import (
     parse_assignment,
     render_config_toml,
 )
+from appliance.core.database_url import DatabaseUrl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -171,9 +172,13 @@ def write(tmp_path: Path, text: str) -> Path:
         ("[model]\ndevice = \"gpu\"\n", "model.device must be auto, cpu, cuda or cuda:N"),
         ("[model]\ndtype = \"int8\"\n", "model.dtype must be one of auto, float32"),
         ("[storage]\ndatabase = 3\n", "storage.database must be a path string"),
-        ("[storage]\ndatabase = \"postgresql://app:s3cret@db:5432/images\"\n",
-         "storage.database must be a path on this machine, not a postgresql:// URL"),
-        ("[model]\npath = \"https://huggingface.co/runwayml/sd\"\n",
+        ("[storage]\ndatabase = \"mysql://app:s3cret@db:3306/images\"\n",
+         "storage.database is a mysql:// URL; only postgresql:// URLs name a database"),
+        ("[storage]\ndatabase = \"postgresql://app:s3cret@db:5432\"\n",
+         "storage.database must name a host and a database"),
+        ("[storage]\ndatabase = \"postgresql://app:s3cret@db:port/images\"\n",
+         "storage.database is not a valid postgresql:// URL"),
+        ("[model]\npath = \"https://app:s3cret@huggingface.co/runwayml/sd\"\n",
          "model.path must be a path on this machine, not a https:// URL"),
         ("server = 1\n", "server must be a table"),
         ("[server\n", "not valid TOML"),
@@ -284,3 +289,19 @@ def test_assignments_apply_to_a_copy_and_are_checked_when_loaded(tmp_path: Path)
     assert (config.engine.batch_size, config.engine.devices) == (16, ("cuda:0", "cuda:1"))
     with pytest.raises(ConfigError, match=r"engine\.batch_size must be between 1 and 256, got 0"):
         config_from_dict(apply_assignments(raw, ["engine.batch_size=0"]), base_dir=tmp_path)
+
+
+def test_a_postgresql_url_names_the_cluster_database_and_is_shown_without_its_password(tmp_path):
+    path = write(tmp_path, '[storage]\ndatabase = "postgresql://app:s3cret@db.lan:5432/images"\n')
+    database = load_config(path).storage.database
+    assert isinstance(database, DatabaseUrl)
+    assert database.url == "postgresql://app:s3cret@db.lan:5432/images"
+    assert database.name == "images"
+    assert str(database) == database.shown == "postgresql://app:***@db.lan:5432/images"
+    assert "s3cret" not in repr(database)
+
+
+def test_a_password_given_as_a_url_parameter_is_not_shown_either():
+    database = DatabaseUrl("postgresql://app@db.lan/images?sslmode=require&password=s3cret")
+    assert "s3cret" not in database.shown
+    assert database.shown == "postgresql://app@db.lan/images?sslmode=require&password=***"

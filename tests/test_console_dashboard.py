@@ -32,7 +32,7 @@ def made_job(db, account_id: int, key_id: int | None, images: int, created: date
         done = job.images[failed:failed + completed]
         if done:
             store.mark_completed(db, done)
-            db.conn.executemany("UPDATE job_images SET finished_at = ? WHERE id = ?",
+            db.executemany("UPDATE job_images SET finished_at = ? WHERE id = ?",
                                 [(utc_iso(finished or created), image.image_id) for image in done])
             db.execute("UPDATE jobs SET finished_at = ? WHERE id = ?",
                        [utc_iso(finished or created), job.job_id])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from appliance.accounts import audit, keys
 from appliance.jobs import store
 from appliance.web.console.gallery_query import IMAGES_PER_PAGE
@@ -236,6 +238,7 @@ def test_the_download_link_answers_with_an_attachment(instant_client):
 
 
 
+@pytest.mark.sqlite_only
 def test_the_gallery_reads_only_the_accounts_jobs_never_every_image(database):
     """The index on status alone holds every account's images; the gallery must start
     from the account's jobs, or each page would read the whole appliance's images."""

@@ -40,6 +40,7 @@ def signed_in_admin(client, email: str = "root@example.com", credits: int = 0):
     assert sign_in(client.http, email).status_code == 303
 
 
+@pytest.mark.sqlite_only
 def test_an_admin_sees_workers_queue_model_disk_database_and_version(instant_client):
     client = instant_client
     signed_in_admin(client)
@@ -81,6 +82,7 @@ def test_a_plain_user_gets_the_styled_refusal(instant_client):
     assert "/console/admin/system" not in client.http.get("/console", headers=HTML).text
 
 
+@pytest.mark.sqlite_only
 def test_the_json_has_every_figure_of_the_page(instant_client):
     client = instant_client
     signed_in_admin(client)

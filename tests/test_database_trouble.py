@@ -30,7 +30,10 @@ from appliance.ops.doctor import PROBLEM, check_database
 from appliance.web.console.sessions import RENEW_STEP
 
 from .console_helpers import HTML, csrf, sign_in
-from .helpers import InstantGenerator, bearer
+from .helpers import InstantGenerator, bearer, count_rows
+
+# SQLite's locks, its busy timeout and a full file.
+pytestmark = pytest.mark.sqlite_only
 
 URL = "/api/playground/images"
 
@@ -38,7 +41,7 @@ URL = "/api/playground/images"
 def db_state(database, account) -> tuple:
     db = database.db()
     return (accounts.get_account(db, account.id).credits, accounts.ledger_total(db, account.id),
-            db["jobs"].count, db["job_images"].count, db["credit_ledger"].count)
+            count_rows(db, "jobs"), count_rows(db, "job_images"), count_rows(db, "credit_ledger"))
 
 
 @contextlib.contextmanager

@@ -50,6 +50,9 @@ class Recorder:
         return self.real.generate(prompts, seeds, settings)
 
 
+# One machine's queue: a cluster node claims batches ahead (prefetch), so a job that arrives
+# later joins a batch claimed after it (test_cluster covers the shared queue's turns).
+@pytest.mark.sqlite_only
 def test_a_small_job_of_another_account_shares_the_next_batch(make_client, make_config):
     config = make_config(engine={"batch_size": 4, "batch_window_seconds": 0.0})
     # Each batch takes a moment, so that the jobs' end times tell the batches apart.

@@ -57,6 +57,7 @@ def test_init_makes_the_data_owner_only(tmp_path, root_handlers_restored):
         database.close()
 
 
+@pytest.mark.sqlite_only
 def test_images_backups_and_restores_are_owner_only(make_client, config, tmp_path):
     client = make_client(load_generator=InstantGenerator)
     account = client.account(credits=2)

@@ -10,7 +10,7 @@ from PIL import Image
 from appliance.core.config import ConfigError, config_from_dict
 from appliance.jobs.models import MAX_SEED
 
-from .helpers import InstantGenerator, bearer
+from .helpers import InstantGenerator, bearer, count_rows
 
 URL = "/api/playground/images"
 
@@ -57,7 +57,7 @@ def test_out_of_range_parameters_get_a_400_naming_field_and_range_and_cost_nothi
         response = post(client, key, **fields)
         assert (response.status_code, response.json()) == (400, {"error": error}), fields
     assert client.balance(account) == 5
-    assert client.database.db()["jobs"].count == 0
+    assert count_rows(client.database.db(), "jobs") == 0
 
 
 def test_bounds_come_from_the_config(make_client, make_config):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from appliance.accounts import accounts, audit
+from appliance.core.clock import utc_clock, utc_iso
 
-from .helpers import bearer
+from .helpers import bearer, count_rows
 
 URL = "/api/playground/images"
 
@@ -19,7 +22,7 @@ def post(client, key, prompts, idempotency_key=None, **fields):
 
 
 def job_count(client) -> int:
-    return client.database.db()["jobs"].count
+    return count_rows(client.database.db(), "jobs")
 
 
 def test_a_retry_gets_the_first_answer_and_is_not_charged_again(instant_client):
@@ -120,8 +123,8 @@ def test_a_key_is_kept_for_24_hours_then_starts_a_new_job(instant_client):
     first = post(client, key, ["a"], "daily-run").json()
     db = client.database.db()
     # As if the first request had been made 24 hours and a minute ago.
-    db.execute("UPDATE idempotency_keys SET created_at = strftime('%Y-%m-%dT%H:%M:%fZ',"
-               " 'now', '-1441 minutes')")
+    db.execute("UPDATE idempotency_keys SET created_at = ?",
+               [utc_iso(utc_clock() - timedelta(minutes=1441))])
 
     later = post(client, key, ["a"], "daily-run")
 
@@ -129,7 +132,7 @@ def test_a_key_is_kept_for_24_hours_then_starts_a_new_job(instant_client):
     assert "idempotent-replayed" not in later.headers
     assert client.balance(account) == 4
     # The expired row made way for the new one.
-    assert db["idempotency_keys"].count == 1
+    assert count_rows(db, "idempotency_keys") == 1
 
 
 def test_only_a_digest_of_the_key_is_stored(instant_client):

@@ -10,6 +10,11 @@ from appliance.accounts import accounts, audit, keys
 from appliance.core.database import immediate
 from appliance.core.errors import BadRequest, Conflict, InsufficientCredits, NotFound, Unauthorized
 
+from .helpers import database_text, row_by_id
+
+# The store's accounting on both databases: SQLite's file and cluster mode's PostgreSQL.
+pytestmark = pytest.mark.both_databases
+
 ACTOR = audit.Actor(ip_address="192.0.2.7", user_agent="pytest")
 
 
@@ -30,7 +35,7 @@ def test_only_the_sha256_of_the_key_is_stored(database, account):
     assert info.prefix == raw[:12] and info.name == "Production"
     row = database.db().execute("SELECT * FROM api_keys").fetchone()
     assert hashlib.sha256(raw.encode()).hexdigest() in row
-    dump = "\n".join(database.db().conn.iterdump())
+    dump = database_text(database.db())
     assert raw not in dump and raw[12:] not in dump
 
 
@@ -51,7 +56,7 @@ def test_deleted_key_is_refused_kept_for_audit_and_never_listed(database, accoun
     with pytest.raises(Unauthorized, match=r"^Invalid API key$"):
         keys.find_owner(database.db(), raw)
     assert keys.list_keys(database.db(), account.id) == []
-    assert database.db()["api_keys"].get(info.id)["deleted_at"] is not None
+    assert row_by_id(database.db(), "api_keys", info.id)["deleted_at"] is not None
     with pytest.raises(NotFound):
         keys.delete_key(database.db(), account.id, info.prefix, ACTOR)
 
@@ -112,7 +117,7 @@ def test_accounts_normalise_email_and_refuse_duplicates(database, account):
 
 @pytest.mark.production_password_hashing
 def test_passwords_are_stored_as_argon2id(database, account):
-    stored = database.db()["accounts"].get(account.id)["password_hash"]
+    stored = row_by_id(database.db(), "accounts", account.id)["password_hash"]
     assert stored.startswith("$argon2id$") and "long enough pw" not in stored
     assert not PasswordHasher().check_needs_rehash(stored), "the library's current cost"
     assert accounts.verify_password(stored, "long enough pw")

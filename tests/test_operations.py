@@ -155,6 +155,7 @@ def test_failed_sign_in_counts_that_can_no_longer_matter_are_deleted(config, dat
     assert [row[0] for row in db.execute("SELECT email FROM signin_failures")] == ["recent"]
 
 
+@pytest.mark.sqlite_only
 def test_sqlite_upkeep_folds_the_wal_back(config, database):
     db = database.db()
     db.execute("CREATE TABLE filler (x)")
@@ -186,6 +187,7 @@ def test_partial_files_of_interrupted_writes_are_removed_once_an_hour_old(config
     assert Housekeeping(config, database, fixed_clock()).remove_partial_files() == 0
 
 
+@pytest.mark.sqlite_only
 def test_scheduler_runs_every_job_at_startup_in_the_app_lifespan(database, make_client, caplog):
     db = database.db()
     add_audit_row(db, datetime.now(UTC) - timedelta(days=200), "ancient")
@@ -381,6 +383,7 @@ def test_doctor_names_each_account_whose_balance_differs_from_its_ledger(config,
     assert "ada@example.com" not in text
 
 
+@pytest.mark.sqlite_only
 def test_doctor_warns_when_other_users_can_read_the_data(config, database):
     make_secret_file(config.secret_file)
     data, db_file, secret = config.storage.data_dir, config.storage.database, config.secret_file

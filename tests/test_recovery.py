@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import pytest
+
 from appliance.accounts import accounts, audit
 from appliance.jobs.models import GenerationSettings
 from appliance.jobs.store import image_relpath, mark_running, submit, unfinished_images
 
 from .helpers import TEST_GENERATION
 
+# The store's accounting on both databases: SQLite's file and cluster mode's PostgreSQL.
+pytestmark = pytest.mark.both_databases
 
-def test_queued_and_running_images_are_requeued_at_startup(database, make_client):
+
+def test_queued_and_running_images_are_requeued_at_startup(config, database, make_client):
     db = database.db()
     account = accounts.create_account(db, "dev@example.com", "correct horse battery",
                                       audit.Actor.cli(), credits=3)
@@ -18,7 +23,7 @@ def test_queued_and_running_images_are_requeued_at_startup(database, make_client
     # As if the process had died mid-batch: one image was running.
     mark_running(db, submitted.images[:1])
     client = make_client()
-    png = database.path.parent / "images" / image_relpath(submitted.job_id, 0)
+    png = config.images_dir / image_relpath(submitted.job_id, 0)
     key = client.key(account)
 
     job = client.wait_for_job(key, submitted.job_id)

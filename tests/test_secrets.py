@@ -79,6 +79,7 @@ def test_a_full_cli_api_and_console_run_keeps_no_secret(tmp_path, tiny_model, la
     assert "Application startup complete" in log.read_text(), "the log was written"
 
 
+@pytest.mark.sqlite_only
 def test_keys_are_found_by_digest_through_the_index(database):
     from appliance.accounts import accounts, audit
 

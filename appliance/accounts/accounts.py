@@ -7,16 +7,14 @@ row in the same statement sequence, so balance and ledger cannot disagree.
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlite_utils import Database
 
 from appliance.accounts import audit
 from appliance.core.clock import utc_now
-from appliance.core.database import immediate, insert
+from appliance.core.database import Database, IntegrityError, immediate, insert
 from appliance.core.errors import BadRequest, Conflict, InsufficientCredits, NotFound
 
 _hasher = PasswordHasher()  # argon2id with the library's current parameters
@@ -83,7 +81,7 @@ def create_account(
                          details={"email": email, "admin": is_admin})
             if credits:
                 change_credits(db, account_id, credits, "initial grant")
-    except sqlite3.IntegrityError:
+    except IntegrityError:
         raise Conflict(f"an account for {email} already exists") from None
     return get_account(db, account_id)
 

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
-from sqlite_utils import Database
-
 from appliance.core.clock import day_range, utc_now
+from appliance.core.database import Database, like_escaped
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,8 @@ def query(db: Database, where: AuditFilter, limit: int | None = None) -> list[Au
     clauses: list[str] = []
     params: list[str | int] = []
     if where.account.strip():
-        clauses.append("instr(lower(a.email), ?) > 0")
-        params.append(where.account.strip().lower())
+        clauses.append("lower(a.email) LIKE ? ESCAPE '!'")
+        params.append(f"%{like_escaped(where.account.strip().lower())}%")
     if where.action.strip():
         clauses.append("l.action = ?")
         params.append(where.action.strip())

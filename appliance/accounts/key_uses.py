@@ -9,12 +9,11 @@ request thread for it.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 
 from appliance.accounts import keys
 from appliance.core.clock import utc_now
-from appliance.core.database import ConnectionPool, immediate
+from appliance.core.database import ConnectionPool, DatabaseError, immediate
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class KeyUseWriter:
                     for key_id, when in uses.items():
                         keys.write_last_used(db, key_id, when)
                 failing = False
-            except sqlite3.Error as exc:
+            except DatabaseError as exc:
                 if not failing:
                     log.warning("could not record when %d key(s) were last used, trying again"
                                 " every %g s: %s", len(uses), self.retry_seconds, exc)

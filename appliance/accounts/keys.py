@@ -12,11 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlite_utils import Database
-
 from appliance.accounts import audit
 from appliance.core.clock import utc_now
-from appliance.core.database import immediate, insert
+from appliance.core.database import Database, immediate, insert
 from appliance.core.digests import sha256_hex
 from appliance.core.errors import BadRequest, Conflict, NotFound, Unauthorized
 

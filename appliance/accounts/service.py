@@ -7,7 +7,7 @@ this one, which take a connection and join the caller's transaction.
 
 from __future__ import annotations
 
-from appliance.accounts import accounts, audit, keys, signin
+from appliance.accounts import accounts, audit, keys, rate_limits, signin
 from appliance.accounts.accounts import Account, LedgerEntry
 from appliance.accounts.audit import Actor, AuditEntry, AuditFilter
 from appliance.accounts.key_uses import KeyUseWriter
@@ -96,6 +96,33 @@ class KeyService:
         its own (KeyUseWriter), so that no request waits for another writer's lock. A busy
         or full database delays it; it never turns away a request that may only read."""
         self.uses.note(key_id)
+
+
+class SharedKeyRateLimiter:
+    """The API keys' request rate counted in the database, so that it holds across every
+    node of a cluster: the same buckets and refusal as web/api/limits.py's KeyRateLimiter,
+    at the cost of a round trip per request. PostgreSQL only (cluster mode)."""
+
+    # Each check waits for the database: the API runs it off the event loop.
+    asks_database = True
+
+    def __init__(self, database: ConnectionPool, per_minute: int):
+        self.database = database
+        self.capacity = per_minute
+        self.per_second = per_minute / 60.0
+
+    def __deepcopy__(self, memo: dict) -> SharedKeyRateLimiter:
+        # Litestar copies the routes' middleware; the copies share this one.
+        return self
+
+    def check(self, key_id: int) -> None:
+        """TooManyRequests when the key has no request left this minute."""
+        if not self.capacity:
+            return
+        wait = rate_limits.take_token(self.database.db(), key_id, self.capacity,
+                                      self.per_second)
+        if wait:
+            raise rate_limits.too_many_requests(self.capacity, wait)
 
 
 class AuditService:

@@ -35,13 +35,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlite_utils import Database
-
 from appliance.accounts import audit
 from appliance.accounts.accounts import Account, get_account, verify_password
 from appliance.core.clock import parse_utc, utc_iso
 from appliance.core.config import ConsoleConfig
-from appliance.core.database import immediate
+from appliance.core.database import Database, immediate
 from appliance.core.errors import Forbidden, TooManyRequests, Unauthorized
 
 WRONG_CREDENTIALS = "The email or password is not right"
@@ -134,8 +132,10 @@ def _live_counts(db: Database, keys: list[Key], now: datetime,
 
 
 def _take_off(db: Database, failures: int, key: Key) -> None:
-    db.execute("UPDATE signin_failures SET failures = MAX(failures - ?, 0)"
-               " WHERE kind = ? AND email = ? AND ip_address = ?", [failures, *key])
+    # CASE rather than SQLite's MAX(a, b), which PostgreSQL spells GREATEST.
+    db.execute("UPDATE signin_failures"
+               " SET failures = CASE WHEN failures > ? THEN failures - ? ELSE 0 END"
+               " WHERE kind = ? AND email = ? AND ip_address = ?", [failures, failures, *key])
 
 
 @functools.cache

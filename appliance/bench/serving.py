@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import statistics
@@ -27,6 +28,7 @@ import httpx
 from appliance.accounts import accounts, audit, keys
 from appliance.core.clock import parse_utc
 from appliance.core.database import ConnectionPool
+from appliance.core.database_url import DatabaseUrl
 from appliance.jobs.models import ImageStatus, JobStatus
 
 URL = "/api/playground/images"
@@ -84,14 +86,22 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> None:
     path.write_text("\n".join(lines))
 
 
-def make_keys(database: Path, count: int, credits: int) -> list[str]:
+def throwaway_password() -> str:
+    """A benchmark account's password: never used, and never the same twice."""
+    return secrets.token_urlsafe(24)
+
+
+def make_keys(database: Path | DatabaseUrl, count: int, credits: int,
+              email: str = "bench{index}@example.com") -> list[str]:
+    """`count` accounts with `credits` each and a key each (`email` names them, with
+    {index}); the keys."""
     pool = ConnectionPool(database)
     try:
         db = pool.db()
         made = []
         for index in range(count):
-            account = accounts.create_account(db, f"bench{index}@example.com",
-                                              "benchmark password", audit.Actor.cli(),
+            account = accounts.create_account(db, email.format(index=index),
+                                              throwaway_password(), audit.Actor.cli(),
                                               credits=credits)
             made.append(keys.create_key(db, account.id, "Benchmark", audit.Actor.cli())[1])
         return made

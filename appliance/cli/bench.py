@@ -156,14 +156,75 @@ def bench_api(config: Config, seconds: int, connections: int, posts: int, rounds
     if min(seconds, connections, posts, rounds) < 1:
         raise CommandError("--seconds, --connections, --posts and --rounds must be at least 1")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    _run_and_report(lambda: run_api_benchmark(config, seconds, connections, posts, rounds),
+                    report_lines, json_file)
+
+
+def _run_and_report(run: Callable[[], dict[str, Any]],
+                    report_lines: Callable[[dict[str, Any]], list[str]],
+                    json_file: Path | None) -> None:
+    """Runs a benchmark; prints its report and writes its figures (when asked)."""
     try:
-        result = run_api_benchmark(config, seconds, connections, posts, rounds)
+        result = run()
     except RuntimeError as exc:
         raise CommandError(f"the benchmark failed: {exc}") from None
     for line in report_lines(result):
         click.echo(line)
     if json_file:
         json_file.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """"2,8,32" as (2, 8, 32); a CommandError naming the problem otherwise."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise CommandError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if min(counts) < 1:
+        raise CommandError(f"{text!r}: each count must be at least 1")
+    return counts
+
+
+@click.command("bench-cluster")
+@click.option("--database-url", required=True, metavar="URL",
+              help="a scratch PostgreSQL database, postgresql://USER:PASSWORD@HOST:PORT/DBNAME:"
+                   " the benchmark applies the schema and writes test accounts, jobs and"
+                   " nodes into it, so never point it at a database that serves")
+@click.option("--seconds", type=WHOLE_NUMBER, default=10, metavar="N",
+              help="how long each measure runs (default: 10)")
+@click.option("--claimers", default="2,8,32", metavar="N,N,...",
+              help="concurrent claimers, a run for each (default: 2,8,32)")
+@click.option("--batch", default="8,32", metavar="N,N,...",
+              help="images a claim asks for, a run for each (default: 8,32)")
+@click.option("--queued", type=WHOLE_NUMBER, default=1000, metavar="N",
+              help="images kept waiting while the claimers take them (default: 1000,"
+                   " engine.queue_capacity's default)")
+@click.option("--no-admission", is_flag=True,
+              help="skip the admission measure (the real nodes and wrk)")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="also write the figures to FILE as JSON")
+@pass_config
+def bench_cluster(config: Config, database_url: str, seconds: int, claimers: str, batch: str,
+                  queued: int, no_admission: bool, json_file: Path | None) -> None:
+    """time the cluster's shared queue on PostgreSQL: claims a second against one node's
+    in-memory queue, and one-image POSTs through 2 nodes against 1 node on SQLite; it WRITES
+    test data into the database it is given; see BENCHMARKS.md"""
+    from appliance.bench.cluster import report_lines, run_cluster_benchmark
+    from appliance.core.database_url import DatabaseUrl, looks_like_url
+
+    if not looks_like_url(database_url):
+        raise CommandError("--database-url must be a postgresql:// URL of a scratch database")
+    try:
+        url = DatabaseUrl(database_url)
+    except ValueError as exc:
+        raise CommandError(f"--database-url {exc}") from None
+    if min(seconds, queued) < 1:
+        raise CommandError("--seconds and --queued must be at least 1")
+    claimer_counts, batches = _counts(claimers), _counts(batch)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _run_and_report(lambda: run_cluster_benchmark(config, url, seconds, claimer_counts, batches,
+                                                  queued, admission=not no_admission),
+                    report_lines, json_file)
 
 
 @click.command("bench-models")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Concatenate, ParamSpec
@@ -13,7 +12,7 @@ import click
 
 from appliance.accounts.service import AccountService, KeyService
 from appliance.core.config import CONFIG_ENV, Config, ConfigError, load_config
-from appliance.core.database import ConnectionPool, problem_sentence
+from appliance.core.database import ConnectionPool, DatabaseError, problem_sentence
 from appliance.core.errors import ApplianceError
 from appliance.core.numbers import LARGEST_INTEGER, whole_number
 from appliance.runtime.logs import configure_logging
@@ -175,7 +174,7 @@ def _with_config(command: Callable[Concatenate[Config, P], None], *,
             command(config, *args, **kwargs)
         except (ConfigError, ApplianceError) as exc:
             raise CommandError(str(exc)) from None
-        except sqlite3.Error as exc:
+        except DatabaseError as exc:
             # The commands' database is the config's (a backup's own is checked before use).
             raise CommandError(problem_sentence(config.storage.database, exc)) from None
         except (KeyboardInterrupt, click.Abort):

@@ -6,7 +6,17 @@ from collections.abc import Sequence
 
 import click
 
-from appliance.cli import accounts, bench, credits, generate, keys, models, operations, serving
+from appliance.cli import (
+    accounts,
+    bench,
+    cluster,
+    credits,
+    generate,
+    keys,
+    models,
+    operations,
+    serving,
+)
 from appliance.cli.common import CommandGroup, config_option
 
 
@@ -18,7 +28,8 @@ def cli() -> None:
 
 for command in (serving.init, serving.serve, accounts.group, credits.group, keys.group,
                 models.group, generate.generate, operations.backup, operations.restore,
-                operations.doctor, bench.bench, bench.bench_api, bench.bench_models):
+                operations.doctor, cluster.group, bench.bench, bench.bench_api,
+                bench.bench_cluster, bench.bench_models):
     cli.add_command(command)
 
 

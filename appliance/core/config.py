@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 import sys
 import textwrap
 import tomllib
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.core.database_url import DatabaseUrl, looks_like_url, scheme_of
 from appliance.core.devices import ALL, check_device, check_device_list
 from appliance.core.numbers import LARGEST_INTEGER, whole_number
 
@@ -271,13 +273,44 @@ class ServerConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     data_dir: Path = setting(Path("data"), "Folder for generated images and the service's secret.")
-    database: Path = setting(Path("data/appliance.db"), "The SQLite database file.")
+    database: Path | DatabaseUrl = setting(
+        Path("data/appliance.db"),
+        "The SQLite database file; or a PostgreSQL database's URL,"
+        " postgresql://USER:PASSWORD@HOST:PORT/DBNAME, for cluster mode: every appliance"
+        " pointed at the same database serves the same accounts, keys, credits and queue"
+        " (README: Scaling out).")
+    images_dir: str = setting(
+        "",
+        "Folder of the generated images; empty: \"images\" in data_dir. In cluster mode a"
+        " folder every node mounts (NFS, CephFS), so that any node serves any image.")
     busy_timeout_seconds: float = setting(
         10.0,
         "Seconds a write waits for another writer (a backup, a CLI command) to finish"
         " ({bounds}). Past it, an API request is answered 503 with Retry-After and nothing"
         " of it is kept: no charge, no half-made job.",
         Between(0.0, 600.0))
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    node_name: str = setting(
+        "",
+        "This appliance's name among the nodes that share one PostgreSQL database"
+        " (storage.database); empty: the machine's host name. Unique per node: a node that"
+        " starts takes back the images it had claimed under its name.",
+        heading="Cluster mode: only when storage.database is a postgresql:// URL (README:"
+                " Scaling out).")
+    lease_seconds: float = setting(
+        30.0,
+        "How long images a node has claimed stay its own without a heartbeat ({bounds}); the"
+        " node renews them every quarter of it. Past it, another node makes them: a node that"
+        " died delays its images by about this long.",
+        Between(5.0, 3600.0))
+    prefetch_images: int = setting(
+        0,
+        "Images a node claims ahead of its workers ({bounds}), so that its GPUs never wait for"
+        " the database; 0: two batches per worker.",
+        Between(0, 100_000))
 
 
 @dataclass(frozen=True)
@@ -632,6 +665,7 @@ def _model_settings(raw: Any) -> dict[str, ModelSettings]:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -649,7 +683,17 @@ class Config:
 
     @property
     def images_dir(self) -> Path:
-        return self.storage.data_dir / "images"
+        return (self.resolve(self.storage.images_dir) if self.storage.images_dir
+                else self.storage.data_dir / "images")
+
+    @property
+    def cluster_mode(self) -> bool:
+        """Whether the data is in PostgreSQL, shared with other nodes."""
+        return isinstance(self.storage.database, DatabaseUrl)
+
+    @property
+    def node_name(self) -> str:
+        return self.cluster.node_name or socket.gethostname()
 
     @property
     def secret_file(self) -> Path:
@@ -812,12 +856,15 @@ _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     expected = type(default)
     if isinstance(default, Path):
-        if isinstance(value, str) and _URL.match(value.strip()):
-            # Not shown: a database URL may carry a password.
-            scheme = value.strip().split(":", 1)[0]
-            raise ConfigError(f"{key} must be a path on this machine, not a {scheme}:// URL"
-                              " (this version keeps its data in a SQLite file and reads"
-                              " models from folders)")
+        if isinstance(value, str) and looks_like_url(value):
+            # Never shown: a database URL may carry a password.
+            if key in _URL_ALLOWED:
+                try:
+                    return DatabaseUrl(value.strip())
+                except ValueError as exc:
+                    raise ConfigError(f"{key} {exc}") from None
+            raise ConfigError(f"{key} must be a path on this machine, not a"
+                              f" {scheme_of(value)}:// URL (models are read from folders)")
         if isinstance(value, str) and value.strip():
             return Path(value).expanduser()
         raise ConfigError(f"{key} must be a path string, got {_describe(value)}")
@@ -838,7 +885,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Settings that may name a server instead of a path: the database (cluster mode).
+_URL_ALLOWED = {"storage.database"}
 
 
 def _describe(value: Any) -> str:

@@ -69,3 +69,17 @@ class DatabaseBusy(ServiceUnavailable):
     def __init__(self) -> None:
         super().__init__("The database is busy with another writer; nothing was changed."
                          " Try again shortly", retry_after=self.RETRY_AFTER_SECONDS)
+
+
+class DatabaseUnreachable(ServiceUnavailable):
+    """Cluster mode: the PostgreSQL server cannot be reached (restarting, cut off).
+
+    A write that failed this way was not committed; the client may retry, on this node
+    or another, once the database is back.
+    """
+
+    RETRY_AFTER_SECONDS = 5
+
+    def __init__(self) -> None:
+        super().__init__("The database cannot be reached; nothing was changed. Try again"
+                         " shortly", retry_after=self.RETRY_AFTER_SECONDS)

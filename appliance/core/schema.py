@@ -163,3 +163,17 @@ def m006_job_price(db: Database) -> None:
     # the model's price in config.toml changed.
     db.execute("ALTER TABLE jobs ADD COLUMN credits_per_image INTEGER NOT NULL DEFAULT 1"
                " CHECK (credits_per_image >= 1)")
+
+
+@migrations()
+def m007_image_claims(db: Database) -> None:
+    # Cluster mode (PostgreSQL) claims queued images for a node under a lease and
+    # records which node made each image; the columns are here too so that the store's
+    # SQL is the same on both databases. One SQLite appliance claims nothing.
+    db.executescript(
+        """
+        ALTER TABLE job_images ADD COLUMN claimed_by TEXT;
+        ALTER TABLE job_images ADD COLUMN lease_until REAL;
+        ALTER TABLE job_images ADD COLUMN made_by TEXT;
+        """
+    )

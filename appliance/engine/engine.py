@@ -15,6 +15,7 @@ from appliance.core.config import Config, memory_budget_bytes
 from appliance.core.database import ConnectionPool
 from appliance.core.devices import ALL, resolve_devices
 from appliance.engine import gpu
+from appliance.engine.cluster import ClusterCollector, ClusterMember
 from appliance.engine.loaded_models import LoadedModels, weights_on_disk
 from appliance.engine.metrics import EngineMetrics, EngineStatus, WorkerStatus
 from appliance.engine.queue import ImageQueue
@@ -63,9 +64,15 @@ class Engine:
                    self.writer, self.metrics, engine.batch_size, engine.batch_window_seconds,
                    name=f"engine-worker-{device}" if several else "engine-worker",
                    default_model=self.catalog.default_name,
-                   swap_after=engine.model_swap_seconds, load_failed=self.catalog.mark_broken)
+                   swap_after=engine.model_swap_seconds, load_failed=self.catalog.mark_broken,
+                   node=config.node_name)
             for device in self.devices
         ]
+        # Cluster mode: the node's queue is stocked from the shared one (engine/cluster.py).
+        self.cluster = (ClusterMember(config, database, self.queue, self.devices)
+                        if config.cluster_mode else None)
+        if self.cluster is not None:
+            self.metrics.registry.register(ClusterCollector(database))
 
     def _loaded_models(self, device: str, load_generator: Callable[[], ImageGenerator] | None,
                        load_model: Callable[[str], ImageGenerator] | None) -> LoadedModels:
@@ -96,21 +103,30 @@ class Engine:
         return self.workers[0]
 
     def start(self) -> None:
-        recovered = unfinished_images(self.database.db())
-        if recovered:
-            log.info("re-queued %d images left unfinished when the service last stopped",
-                     len(recovered))
-        self.queue.put_recovered(recovered)
+        if self.cluster is not None:
+            self.cluster.start()
+        else:
+            recovered = unfinished_images(self.database.db())
+            if recovered:
+                log.info("re-queued %d images left unfinished when the service last stopped",
+                         len(recovered))
+            self.queue.put_recovered(recovered)
         for worker in self.workers:
             worker.start()
 
     def stop(self) -> None:
+        if self.cluster is not None:
+            # No more claims; what the node holds and does not finish below, it gives back
+            # at its next start, or another node takes once the leases run out.
+            self.cluster.stop()
         for worker in self.workers:
             worker.signal_stop()
         for worker in self.workers:
             worker.join(STOP_TIMEOUT_SECONDS)
         # Batches already generated are saved and recorded before the database closes.
         self.writer.close()
+        if self.cluster is not None:
+            self.cluster.leave()
         gpu.log_peak_memory()
 
     @property
@@ -143,11 +159,15 @@ class Engine:
 
     def status(self) -> EngineStatus:
         """The running engine at this moment: what /metrics and the console's system page show."""
-        return EngineStatus(queue_depth=len(self.queue), ready=self.ready,
+        # In cluster mode the queue that matters is the cluster's, not the node's prefetch.
+        by_account = (self.cluster.depth_by_account() if self.cluster is not None else None)
+        if by_account is None:
+            by_account = self.queue.depth_by_account()
+        return EngineStatus(queue_depth=sum(by_account.values()), ready=self.ready,
                             heartbeat_age_seconds=max(0.0, time.monotonic() - self.heartbeat),
                             workers=tuple(self._worker_status(device, worker) for device, worker
                                           in zip(self.devices, self.workers, strict=True)),
-                            queue_by_account=self.queue.depth_by_account(),
+                            queue_by_account=by_account,
                             images_per_minute=self.metrics.rate.per_minute(),
                             gpu_memory=tuple(gpu.memory_by_device()))
 

@@ -30,10 +30,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from appliance.core.errors import ServiceUnavailable
+from appliance.jobs.admission import queue_full
 from appliance.jobs.models import GenerationSettings, QueuedImage
-
-RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(order=True)
@@ -64,11 +62,7 @@ class ImageQueue:
         with self._cond:
             if self._count + self._reserved + count > self.capacity:
                 free = max(0, self.capacity - self._count - self._reserved)
-                raise ServiceUnavailable(
-                    f"The queue is full ({free} of {self.capacity} places free, {count} asked);"
-                    " try again shortly",
-                    retry_after=RETRY_AFTER_SECONDS,
-                )
+                raise queue_full(free, self.capacity, count)
             self._reserved += count
 
     def release(self, count: int) -> None:

@@ -8,7 +8,6 @@ refunded for failures) on the writer thread that saves its last image.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -19,7 +18,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from appliance.core.database import ConnectionPool
+from appliance.core.database import ConnectionPool, DatabaseError, OperationalError
 from appliance.engine.loaded_models import LoadedModels
 from appliance.engine.metrics import EngineMetrics
 from appliance.engine.queue import ImageQueue
@@ -71,14 +70,18 @@ class Worker(threading.Thread):
         default_model: str = "",
         swap_after: float = 0.0,
         load_failed: Callable[[str, str], None] = lambda model, problem: None,
+        node: str | None = None,
     ):
         """`models` loads and holds this worker's models; the default one is loaded before
         the worker counts as ready. `load_failed(model, problem)` is told of a model that
-        could not be loaded (the catalog then refuses requests for it)."""
+        could not be loaded (the catalog then refuses requests for it). `node`: this
+        appliance's name, recorded with each image it makes; in cluster mode it records
+        only images whose claim is still its own."""
         # A daemon, so a GPU call that never returns cannot hold the process open.
         super().__init__(name=name, daemon=True)
         self.database = database
         self.queue = queue
+        self.node = node
         self.models = models
         self.default_model = default_model
         self.swap_after = swap_after
@@ -168,9 +171,9 @@ class Worker(threading.Thread):
     def process(self, generator: ImageGenerator, batch: list[QueuedImage]) -> None:
         """Starts the batch; it ends later, on a writer thread (see _batch_ended)."""
         try:
-            batch = mark_running(self.database.db(), batch)
-        except sqlite3.Error as exc:
-            # A locked or full database: the rows are still queued, so the
+            batch = mark_running(self.database.db(), batch, self.node)
+        except DatabaseError as exc:
+            # A locked, full or unreachable database: the rows are still queued, so the
             # images go back in line and are tried again shortly.
             log.warning("could not start a batch of %d images: %s", len(batch), exc)
             self.queue.put_recovered(batch)
@@ -224,10 +227,10 @@ class Worker(threading.Thread):
             self._in_flight.release()
 
     def _record_completed(self, images: list[QueuedImage]) -> None:
-        mark_completed(self.database.db(), images)
+        mark_completed(self.database.db(), images, self.node)
 
     def _record_failed(self, images: list[QueuedImage], error: str) -> None:
-        mark_failed(self.database.db(), images, error)
+        mark_failed(self.database.db(), images, error, self.node)
 
     def _until_recorded(self, record: Callable[[], None]) -> None:
         """Runs `record` (one transaction) until a locked or full database lets it through.
@@ -242,7 +245,7 @@ class Worker(threading.Thread):
             try:
                 record()
                 return
-            except sqlite3.OperationalError as exc:
+            except OperationalError as exc:
                 delay = next(delays, RECORD_RETRY_SECONDS[-1])
                 log.warning("could not record the end of a batch (%s); trying again in %g s",
                             exc, delay)

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlite_utils import Database
-
 from appliance.core.clock import utc_clock, utc_iso
+from appliance.core.database import Database
 from appliance.core.digests import sha256_hex
 from appliance.core.errors import ApplianceError, BadRequest
 

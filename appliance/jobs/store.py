@@ -15,11 +15,9 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
-
 from appliance.accounts.accounts import change_credits
 from appliance.core.clock import utc_now
-from appliance.core.database import immediate, insert
+from appliance.core.database import Database, immediate, insert
 from appliance.core.errors import NotFound
 from appliance.jobs.models import (
     MAX_SEED,
@@ -170,47 +168,64 @@ def image_relpath(job_id: str, index: int) -> str:
     return f"{job_id}/{index}.png"
 
 
-def mark_running(db: Database, images: Iterable[QueuedImage]) -> list[QueuedImage]:
-    """Starts the images still queued; returns those (others were cancelled or ended)."""
+# An image's end or start is recorded only by the node that holds its claim (cluster
+# mode, jobs/shared_queue.py); on one machine nothing is claimed and `node` passes.
+_STILL_OURS = "(claimed_by IS NULL OR claimed_by = ?)"
+
+
+def mark_running(db: Database, images: Iterable[QueuedImage], node: str | None = None
+                 ) -> list[QueuedImage]:
+    """Starts the images still queued (and still this node's); returns those (others were
+    cancelled, ended, or claimed by another node)."""
     images = list(images)
     now = utc_now()
     with immediate(db):
         started = [
             image for image in images
             if db.execute("UPDATE job_images SET status = ?, started_at = ?"
-                          " WHERE id = ? AND status = ?",
-                          [ImageStatus.RUNNING, now, image.image_id, ImageStatus.QUEUED]).rowcount
+                          f" WHERE id = ? AND status = ? AND {_STILL_OURS}",
+                          [ImageStatus.RUNNING, now, image.image_id, ImageStatus.QUEUED,
+                           node]).rowcount
         ]
-        db.conn.executemany(
+        db.executemany(
             "UPDATE jobs SET status = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
             [(JobStatus.PROCESSING, now, job_id) for job_id in {image.job_id for image in started}],
         )
     return started
 
 
-def mark_completed(db: Database, images: Iterable[QueuedImage]) -> None:
+def mark_completed(db: Database, images: Iterable[QueuedImage], node: str | None = None
+                   ) -> None:
+    """Records the images as made by `node`, those still owed and still its own: an image
+    made by two nodes (one thought dead) is recorded once."""
     images = list(images)
     now = utc_now()
     with immediate(db):
-        db.conn.executemany(
-            "UPDATE job_images SET status = ?, file = ?, finished_at = ? WHERE id = ?",
-            [(ImageStatus.COMPLETED, image_relpath(i.job_id, i.index), now, i.image_id)
-             for i in images],
+        db.executemany(
+            "UPDATE job_images SET status = ?, file = ?, finished_at = ?, made_by = ?,"
+            " claimed_by = NULL, lease_until = NULL"
+            f" WHERE id = ? AND status IN (?, ?) AND {_STILL_OURS}",
+            [(ImageStatus.COMPLETED, image_relpath(i.job_id, i.index), now, node, i.image_id,
+              *PENDING_IMAGE_STATUSES, node) for i in images],
         )
         _settle_jobs(db, {i.job_id for i in images}, now)
 
 
-def mark_failed(db: Database, images: Iterable[QueuedImage], error: str) -> None:
-    """Fails the images and refunds each one's credit through the ledger."""
+def mark_failed(db: Database, images: Iterable[QueuedImage], error: str,
+                node: str | None = None) -> None:
+    """Fails the images (those still owed and still this node's) and refunds each one's
+    credit through the ledger."""
     images = list(images)
     now = utc_now()
     with immediate(db):
         per_job: dict[tuple[str, int], int] = defaultdict(int)
         for image in images:
             changed = db.execute(
-                "UPDATE job_images SET status = ?, error = ?, finished_at = ?"
-                " WHERE id = ? AND status IN (?, ?)",
-                [ImageStatus.FAILED, error, now, image.image_id, *PENDING_IMAGE_STATUSES],
+                "UPDATE job_images SET status = ?, error = ?, finished_at = ?, made_by = ?,"
+                " claimed_by = NULL, lease_until = NULL"
+                f" WHERE id = ? AND status IN (?, ?) AND {_STILL_OURS}",
+                [ImageStatus.FAILED, error, now, node, image.image_id,
+                 *PENDING_IMAGE_STATUSES, node],
             ).rowcount
             # Only an image that was still owed is refunded, so a retry of
             # this call can never refund twice.
@@ -254,7 +269,8 @@ def _settle_jobs(db: Database, job_ids: set[str], now: str) -> None:
     """Gives jobs whose images have all ended their final status (see the module's text)."""
     for job_id in job_ids:
         open_count, completed, failed = db.execute(
-            "SELECT SUM(status IN (?, ?)), SUM(status = ?), SUM(status = ?)"
+            "SELECT COUNT(*) FILTER (WHERE status IN (?, ?)),"
+            " COUNT(*) FILTER (WHERE status = ?), COUNT(*) FILTER (WHERE status = ?)"
             " FROM job_images WHERE job_id = ?",
             [*PENDING_IMAGE_STATUSES, ImageStatus.COMPLETED, ImageStatus.FAILED, job_id],
         ).fetchone()
@@ -333,12 +349,13 @@ def _summaries(db: Database, rows: list[dict[str, Any]]) -> list[JobSummary]:
     ]
 
 
-def _gallery_where(account_id: int, where: GalleryFilter) -> tuple[str, list[Any]]:
+def _gallery_where(db: Database, account_id: int, where: GalleryFilter
+                   ) -> tuple[str, list[Any]]:
     """The WHERE clause shared by the gallery's page and its count."""
-    # The unary + keeps SQLite off the index on status alone, which holds every
+    # SQLite's unary + keeps it off the index on status alone, which holds every
     # account's images: the account's jobs come first (jobs_account), then their
     # images by the (job_id, idx) key.
-    clauses = ["j.account_id = ?", "+i.status = ?"]
+    clauses = ["j.account_id = ?", f"{db.not_by_index}i.status = ?"]
     params: list[Any] = [account_id, ImageStatus.COMPLETED]
     if where.job_id is not None:
         clauses.append("j.id = ?")
@@ -364,10 +381,10 @@ def gallery_images(db: Database, account_id: int, where: GalleryFilter, limit: i
     CROSS JOIN makes SQLite read jobs first, in the jobs_account index's order, so
     that it sorts only within each job and stops once the page is full.
     """
-    clause, params = _gallery_where(account_id, where)
+    clause, params = _gallery_where(db, account_id, where)
     rows = db.execute(
         "SELECT i.job_id, i.idx, i.prompt, i.seed, j.settings, i.finished_at, k.name"
-        " FROM jobs j CROSS JOIN job_images i ON i.job_id = j.id"
+        f" FROM jobs j {db.join_in_written_order} job_images i ON i.job_id = j.id"
         " LEFT JOIN api_keys k ON k.id = j.api_key_id"
         f" WHERE {clause}"
         " ORDER BY j.created_at DESC, j.id DESC, i.idx LIMIT ? OFFSET ?",
@@ -378,9 +395,9 @@ def gallery_images(db: Database, account_id: int, where: GalleryFilter, limit: i
 
 
 def count_gallery_images(db: Database, account_id: int, where: GalleryFilter) -> int:
-    clause, params = _gallery_where(account_id, where)
-    return db.execute(f"SELECT COUNT(*) FROM jobs j CROSS JOIN job_images i ON i.job_id = j.id"
-                      f" WHERE {clause}", params).fetchone()[0]
+    clause, params = _gallery_where(db, account_id, where)
+    return db.execute(f"SELECT COUNT(*) FROM jobs j {db.join_in_written_order} job_images i"
+                      f" ON i.job_id = j.id WHERE {clause}", params).fetchone()[0]
 
 
 def gallery_keys(db: Database, account_id: int) -> list[KeyChoice]:
@@ -388,9 +405,10 @@ def gallery_keys(db: Database, account_id: int) -> list[KeyChoice]:
     rows = db.execute(
         "SELECT k.id, k.name, k.prefix, k.deleted_at IS NOT NULL FROM api_keys k"
         " WHERE k.account_id = ? AND (k.deleted_at IS NULL OR EXISTS ("
-        "   SELECT 1 FROM jobs j CROSS JOIN job_images i ON i.job_id = j.id"
-        "   WHERE j.api_key_id = k.id AND j.account_id = k.account_id AND +i.status = ?))"
-        " ORDER BY k.deleted_at IS NOT NULL, k.name COLLATE NOCASE, k.id",
+        f"   SELECT 1 FROM jobs j {db.join_in_written_order} job_images i ON i.job_id = j.id"
+        "   WHERE j.api_key_id = k.id AND j.account_id = k.account_id"
+        f"  AND {db.not_by_index}i.status = ?))"
+        " ORDER BY k.deleted_at IS NOT NULL, lower(k.name), k.id",
         [account_id, ImageStatus.COMPLETED]).fetchall()
     return [KeyChoice(key_id, name, prefix, bool(deleted))
             for key_id, name, prefix, deleted in rows]

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from sqlite_utils import Database
-
+from appliance.core.database import Database
 from appliance.jobs.models import ImageStatus
 
 # How far back the dashboard's pictures look.
@@ -66,7 +65,7 @@ def credits_per_key(db: Database, account_id: int, today: date,
         " SUM(j.total_images), SUM(j.credits_used - j.credits_refunded)"
         " FROM jobs j LEFT JOIN api_keys k ON k.id = j.api_key_id"
         " WHERE j.account_id = ? AND j.created_at >= ?"
-        " GROUP BY j.api_key_id ORDER BY 6 DESC, 2",
+        " GROUP BY j.api_key_id, k.name, k.prefix, k.deleted_at ORDER BY 6 DESC, 2",
         [account_id, first_day(today, days).isoformat()],
     ).fetchall()
     return [KeySpend(key_id, name if key_id is not None else "Playground (no key)", prefix,

@@ -132,9 +132,21 @@ def _fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
+def sqlite_file(config: Config, command: str) -> Path:
+    """The database file that `backup` and `restore` copy; in cluster mode, how to do it."""
+    database = config.storage.database
+    if isinstance(database, Path):
+        return database
+    raise BadRequest(
+        f"appliance {command} copies a SQLite file; this appliance keeps its data in PostgreSQL"
+        f" ({database}). Back the database up with pg_dump --format=custom --file=FILE"
+        f" {database.name!r} (pg_restore puts it back), and the images folder"
+        f" ({config.images_dir}) with your storage's own tools")
+
+
 def create_backup(config: Config, target: Path) -> BackupSummary:
     target = Path(os.path.abspath(target))
-    database = config.storage.database
+    database = sqlite_file(config, "backup")
     if not database.exists():
         raise BadRequest(f"there is no database at {database}: nothing to back up")
     if not is_free(target):
@@ -203,6 +215,7 @@ def restore_backup(config: Config, source: Path) -> RestoreSummary:
     What it replaces is moved, not deleted, into DATA/pre-restore-<time>.
     """
     source = Path(os.path.abspath(source))
+    database = sqlite_file(config, "restore")
     read_manifest(source)
     problem = integrity_problem(source / DATABASE)
     if problem:
@@ -211,7 +224,6 @@ def restore_backup(config: Config, source: Path) -> RestoreSummary:
     with service_lock(data_dir, "restore"):
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         aside = data_dir / f"pre-restore-{stamp}"
-        database = config.storage.database
         # The -wal file may hold the last commits of a crashed run: it moves with its database.
         for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"), config.images_dir):
             _move_aside(path, aside)

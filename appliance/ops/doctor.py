@@ -24,7 +24,14 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from appliance.core.config import Config
-from appliance.core.database import problem_sentence
+from appliance.core.database import (
+    FIRST_MIGRATION,
+    DatabaseError,
+    connect,
+    pending_migrations,
+    problem_sentence,
+)
+from appliance.core.database_url import DatabaseUrl
 from appliance.core.devices import cuda_index
 from appliance.jobs.catalog import Catalog
 from appliance.ops.lock import holder
@@ -248,6 +255,9 @@ def check_database(config: Config) -> Iterator[Finding]:
         elif free < LOW_DISK_BYTES:
             yield Finding(WARNING, "storage", f"only {free / 1024**3:.1f} GiB free on the disk of"
                           f" {data_dir}")
+    if isinstance(config.storage.database, DatabaseUrl):
+        yield from _check_postgres(config.storage.database)
+        return
     path = config.storage.database
     if not path.exists():
         yield Finding(NOTE, "database", f"there is no database at {path} yet: `appliance init`"
@@ -269,11 +279,31 @@ def check_database(config: Config) -> Iterator[Finding]:
                       " the last backup with `appliance restore`")
         return
     yield from _ledger_findings(unbalanced)
+    yield _schema_finding(pending, f"{path} is fine",
+                          f"{path} passes its integrity check and is up to date")
+
+
+def _check_postgres(url: DatabaseUrl) -> Iterator[Finding]:
+    try:
+        db = connect(url)
+        try:
+            pending = pending_migrations(db)
+            unbalanced = ([] if FIRST_MIGRATION in pending
+                          else db.execute(LEDGER_MISMATCHES).fetchall())
+        finally:
+            db.close()
+    except DatabaseError as exc:
+        yield Finding(PROBLEM, "database", problem_sentence(url, exc))
+        return
+    yield from _ledger_findings(unbalanced)
+    yield _schema_finding(pending, f"{url} answers", f"{url} answers and its schema is up to date")
+
+
+def _schema_finding(pending: list[str], fine: str, up_to_date: str) -> Finding:
     if pending:
-        yield Finding(NOTE, "database", f"{path} is fine; the next start upgrades its schema"
-                      f" ({', '.join(pending)})")
-    else:
-        yield Finding(OK, "database", f"{path} passes its integrity check and is up to date")
+        return Finding(NOTE, "database", f"{fine}; the next start upgrades its schema"
+                       f" ({', '.join(pending)})")
+    return Finding(OK, "database", up_to_date)
 
 
 # Every balance change writes its ledger row in the same transaction, so a balance
@@ -281,7 +311,7 @@ def check_database(config: Config) -> Iterator[Finding]:
 LEDGER_MISMATCHES = """
     SELECT a.email, a.credits, COALESCE(SUM(l.delta), 0) AS ledger
     FROM accounts a LEFT JOIN credit_ledger l ON l.account_id = a.id
-    GROUP BY a.id HAVING a.credits != ledger ORDER BY a.id
+    GROUP BY a.id HAVING a.credits != COALESCE(SUM(l.delta), 0) ORDER BY a.id
 """
 
 
@@ -326,9 +356,10 @@ def _group_has_others(status: os.stat_result) -> bool:
 
 def check_permissions(config: Config) -> Iterator[Finding]:
     database = config.storage.database
-    places = [(config.storage.data_dir, 700), (config.images_dir, 700), (database, 600),
-              (Path(f"{database}-wal"), 600), (Path(f"{database}-shm"), 600),
-              (config.secret_file, 600)]
+    places = [(config.storage.data_dir, 700), (config.images_dir, 700), (config.secret_file, 600)]
+    if isinstance(database, Path):  # in cluster mode the database's files are the server's
+        places += [(database, 600), (Path(f"{database}-wal"), 600),
+                   (Path(f"{database}-shm"), 600)]
     found = False
     for path, mode in places:
         if not path.exists():

@@ -25,6 +25,13 @@ PRUNE_SLICE = 200
 
 # A PNG is written to a temporary file and renamed into place in milliseconds;
 # one this old was left by a process killed mid-write and will never be renamed.
+# The age alone decides, not whose file it is: in cluster mode the images folder
+# is shared, and the one node that runs the clean-up must leave every other node's
+# writes under way alone. They are all seconds old at most, whichever node makes
+# them, while a file left by a dead node must still go though that node never
+# comes back. Safe as long as the nodes' clocks and the file server's agree within
+# the hour (NTP keeps them within milliseconds), far more than a client's cached
+# file attributes lag (NFS: a minute at most).
 PARTIAL_FILE_AGE = timedelta(hours=1)
 
 
@@ -133,6 +140,7 @@ class Housekeeping:
         unless a reader still holds part of it.
         """
         db = self.database.db()
+        assert self.database.path is not None, "SQLite only"
         wal = Path(f"{self.database.path}-wal")
         before = wal.stat().st_size if wal.exists() else 0
         # optimize may write (ANALYZE): as a plain statement it starts as a reader

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from appliance.core.config import Config
-from appliance.core.database import migrate, open_database
+from appliance.core.database import FIRST_MIGRATION, Database, connect, migrate
+from appliance.core.database_url import DatabaseUrl
 from appliance.core.files import PRIVATE_FILE, private_folder
-from appliance.core.schema import migrations
 
 
 def initialise(config: Config) -> Iterator[str]:
@@ -22,22 +22,45 @@ def initialise(config: Config) -> Iterator[str]:
         private_folder(config.storage.data_dir)
         yield f"created {config.storage.data_dir}"
     # The database before the rest: one that cannot be used stops it with nothing else made.
-    existed = config.storage.database.exists()
-    db = open_database(config.storage.database)
+    # Safe when several nodes of a cluster start together: each migration is applied once.
+    database = config.storage.database
+    existed = not isinstance(database, Path) or database.exists()
+    db = connect(database)
     try:
-        pending = [m.name for m in migrations.pending(db)]
-        migrate(db)
+        applied = migrate(db)
+        if isinstance(database, DatabaseUrl) and take_cluster_secret(db, config.secret_file):
+            yield f"took the cluster's console secret into {config.secret_file}"
     finally:
         db.close()
-    if not existed:
-        yield f"created database {config.storage.database}"
-    elif pending:
-        yield f"upgraded database {config.storage.database}: {', '.join(pending)}"
+    if not existed or (applied and applied[0] == FIRST_MIGRATION):
+        yield f"created database {database}"
+    elif applied:
+        yield f"upgraded database {database}: {', '.join(applied)}"
     if not config.images_dir.exists():
         private_folder(config.images_dir)
         yield f"created {config.images_dir}"
     if make_secret_file(config.secret_file):
         yield f"created {config.secret_file}"
+
+
+def take_cluster_secret(db: Database, path: Path) -> bool:
+    """Cluster mode: every node signs the console's forms with one secret, kept in the
+    database: the first node's (its file's, or a new one), which the others take into
+    their files. True when the file was written now."""
+    mine = path.read_text().strip() if path.exists() else secrets.token_hex(32)
+    db.execute("INSERT INTO cluster_secrets (name, value) VALUES ('console', ?)"
+               " ON CONFLICT (name) DO NOTHING", [mine])
+    shared = db.execute("SELECT value FROM cluster_secrets WHERE name = 'console'").fetchone()[0]
+    if path.exists() and shared == mine:
+        return False
+    private_folder(path.parent)
+    staged = path.with_name(path.name + ".new")
+    staged.unlink(missing_ok=True)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(shared)
+    os.replace(staged, path)
+    return True
 
 
 def make_secret_file(path: Path) -> bool:

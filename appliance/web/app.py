@@ -16,6 +16,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
+from appliance.accounts.service import SharedKeyRateLimiter
 from appliance.core.version import package_version
 from appliance.services import Services
 from appliance.web.api.auth import ApiKeyMiddleware
@@ -33,6 +34,15 @@ from appliance.web.http_metrics import HttpMetricsMiddleware
 from appliance.web.write_admission import WriteAdmissionMiddleware
 
 
+def rate_limiter(services: Services) -> KeyRateLimiter | SharedKeyRateLimiter:
+    """The request rate per API key: counted in the database when several nodes share it,
+    else in this process's memory, which costs no round trip."""
+    per_minute = services.config.limits.requests_per_minute_per_key
+    if services.config.cluster_mode:
+        return SharedKeyRateLimiter(services.database, per_minute)
+    return KeyRateLimiter(per_minute)
+
+
 def create_app(services: Services) -> Litestar:
     """The app serving `services` (from Services.build); its lifespan starts and stops them."""
     config = services.config
@@ -48,7 +58,7 @@ def create_app(services: Services) -> Litestar:
     api = Router(path="/", route_handlers=[ImagesController, OpenAIController, list_models],
                  middleware=[DefineMiddleware(
                      ApiKeyMiddleware, keys=services.keys,
-                     rate_limiter=KeyRateLimiter(config.limits.requests_per_minute_per_key))])
+                     rate_limiter=rate_limiter(services))])
     return Litestar(
         route_handlers=[healthz, readyz, metrics, api],
         dependencies=dependencies(services),

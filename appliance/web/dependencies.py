@@ -11,6 +11,7 @@ import threading
 from typing import Annotated, Any
 
 from litestar.di import Dependency, Provide
+from litestar.params import SkipValidationMarker
 
 from appliance.accounts.service import AccountService, AuditService, KeyService, SignInService
 from appliance.core.config import Config
@@ -20,17 +21,22 @@ from appliance.jobs.catalog import Catalog
 from appliance.jobs.service import JobService
 from appliance.services import Services
 
-Accounts = Annotated[AccountService, Dependency()]
-Audit = Annotated[AuditService, Dependency()]
-Keys = Annotated[KeyService, Dependency()]
-SignIn = Annotated[SignInService, Dependency()]
-Jobs = Annotated[JobService, Dependency()]
-EngineDependency = Annotated[Engine, Dependency()]
-Models = Annotated[Catalog, Dependency()]
-Database = Annotated[ConnectionPool, Dependency()]
-Settings = Annotated[Config, Dependency()]
+# Provided, never parsed from a request: nothing to validate (and msgspec cannot
+# describe some of their fields, such as the database's path-or-URL).
+_SERVICE = Dependency()
+_AS_GIVEN = SkipValidationMarker()
+
+Accounts = Annotated[AccountService, _SERVICE, _AS_GIVEN]
+Audit = Annotated[AuditService, _SERVICE, _AS_GIVEN]
+Keys = Annotated[KeyService, _SERVICE, _AS_GIVEN]
+SignIn = Annotated[SignInService, _SERVICE, _AS_GIVEN]
+Jobs = Annotated[JobService, _SERVICE, _AS_GIVEN]
+EngineDependency = Annotated[Engine, _SERVICE, _AS_GIVEN]
+Models = Annotated[Catalog, _SERVICE, _AS_GIVEN]
+Database = Annotated[ConnectionPool, _SERVICE, _AS_GIVEN]
+Settings = Annotated[Config, _SERVICE, _AS_GIVEN]
 # Set when the server begins to shut down.
-Stopping = Annotated[threading.Event, Dependency()]
+Stopping = Annotated[threading.Event, _SERVICE, _AS_GIVEN]
 
 
 def dependencies(services: Services) -> dict[str, Provide]:

@@ -31,8 +31,8 @@ MIB = 1024 * 1024
 
 def database_check(database: ConnectionPool) -> Check:
     try:
-        # A table read, which opens the file: "SELECT 1" never touches it.
-        database.db().execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        # A table read, which opens SQLite's file: "SELECT 1" never touches it.
+        database.db().execute("SELECT 1 FROM accounts LIMIT 1").fetchone()
     except Exception as exc:  # noqa: BLE001 - any failure means not ready
         return Check("database", f"the database cannot be read: {exc}")
     return Check("database", database.write_probe.problem())
@@ -48,7 +48,10 @@ def existing_folder(folder: Path) -> Path:
 def disk_check(config: Config) -> Check:
     """Enough room for new jobs and images on the disks of the data folder and the database."""
     least = config.health.min_free_disk_mb
-    for folder in (config.storage.data_dir, config.storage.database.parent):
+    database = config.storage.database
+    # In cluster mode the database's disk is the PostgreSQL server's, watched there.
+    folders = [config.storage.data_dir] + ([database.parent] if isinstance(database, Path) else [])
+    for folder in folders:
         free = shutil.disk_usage(existing_folder(folder)).free
         if free < least * MIB:
             return Check("disk", f"the disk of {folder} is (nearly) full: {free // MIB} MiB"

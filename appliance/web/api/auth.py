@@ -6,20 +6,31 @@ holds, with the contract's exact texts.
 
 from __future__ import annotations
 
+from typing import Protocol
+
+import anyio.to_thread
 from litestar.connection import ASGIConnection
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.types import ASGIApp
 
-from appliance.accounts.keys import token_from_header
+from appliance.accounts.keys import KeyOwner, token_from_header
 from appliance.accounts.service import KeyService
 from appliance.core.errors import Unauthorized
-from appliance.web.api.limits import KeyRateLimiter
 
 TWO_HEADERS = "More than one Authorization header; send exactly one"
 
 
+class RateLimiter(Protocol):
+    """A request rate per key: web/api/limits.py's KeyRateLimiter in one process,
+    accounts.service.SharedKeyRateLimiter across a cluster's nodes."""
+
+    asks_database: bool
+
+    def check(self, key_id: int) -> None: ...
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    def __init__(self, app: ASGIApp, keys: KeyService, rate_limiter: KeyRateLimiter):
+    def __init__(self, app: ASGIApp, keys: KeyService, rate_limiter: RateLimiter):
         super().__init__(app)
         self.keys = keys
         self.rate_limiter = rate_limiter
@@ -34,11 +45,23 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         if len(headers) > 1:
             raise Unauthorized(TWO_HEADERS)
         token = token_from_header(headers[0] if headers else None)
-        # A read, checked on every request and quick: here, not on a thread.
+        if self.rate_limiter.asks_database:
+            # Cluster mode: the key's lookup and its shared budget are round trips to
+            # PostgreSQL (the budget a write that may wait for the key's row, which other
+            # nodes lock too): one hop to a thread for both, so that the event loop serves
+            # other requests meanwhile.
+            owner = await anyio.to_thread.run_sync(self._owner_within_rate, token)
+        else:
+            # SQLite: a read of a local file, checked on every request and quick: here,
+            # not on a thread.
+            owner = self._owner_within_rate(token)
+        return AuthenticationResult(user=owner, auth=owner.key_id)
+
+    def _owner_within_rate(self, token: str) -> KeyOwner:
         owner = self.keys.owner(token)
         # Any request with a live key is a use of it, one refused for its rate too.
         # Written on a thread of its own: a read must not wait for the write lock.
         if self.keys.use_is_due(owner.key_id):
             self.keys.record_use(owner.key_id)
         self.rate_limiter.check(owner.key_id)
-        return AuthenticationResult(user=owner, auth=owner.key_id)
+        return owner

@@ -10,15 +10,14 @@ from __future__ import annotations
 import errno
 import logging
 import re
-import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from appliance.core.database import is_busy
-from appliance.core.errors import ApplianceError, DatabaseBusy
+from appliance.core.database import DatabaseError, is_busy, is_full, is_unreachable
+from appliance.core.errors import ApplianceError, DatabaseBusy, DatabaseUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +80,19 @@ def appliance_error(request: Request, exc: ApplianceError) -> Response[Any]:
 FULL_RETRY_AFTER_SECONDS = 60
 
 
-def database_error(request: Request, exc: sqlite3.Error) -> Response[Any]:
-    """A locked or full database is the server's passing trouble, not a bug: 503, retry later.
+def database_error(request: Request, exc: Exception) -> Response[Any]:
+    """A locked, full or unreachable database is the server's passing trouble, not a bug:
+    503, retry later.
 
     Every write runs in one transaction, so whatever failed left nothing behind.
     """
-    code = getattr(exc, "sqlite_errorcode", None)
-    primary = code & 0xFF if code is not None else None
     if is_busy(exc):
         log.warning("database busy on %s: %s", where(request), exc)
         return appliance_error(request, DatabaseBusy())
-    if primary == sqlite3.SQLITE_FULL:
+    if is_unreachable(exc):
+        log.warning("database unreachable on %s: %s", where(request), exc)
+        return appliance_error(request, DatabaseUnreachable())
+    if is_full(exc):
         return _disk_full(request, exc)
     return unexpected_error(request, exc)
 
@@ -151,7 +152,7 @@ EXCEPTION_HANDLERS: dict[type[Exception], ExceptionHandler] = {
     ApplianceError: appliance_error,
     ValidationException: validation_error,
     HTTPException: http_error,
-    sqlite3.Error: database_error,
+    **dict.fromkeys(DatabaseError, database_error),
     OSError: os_error,
     Exception: unexpected_error,
 }

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import math
 import re
 import socket
 import threading
@@ -20,16 +19,20 @@ from litestar.middleware import ASGIMiddleware
 from litestar.response.base import ASGIResponse
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from appliance.accounts.rate_limits import too_many_requests
 from appliance.core.config import ServerConfig
-from appliance.core.errors import BadRequest, TooManyRequests
+from appliance.core.errors import BadRequest
 
 
 class KeyRateLimiter:
     """A token bucket per API key: bursts of up to `per_minute` requests, refilled evenly.
 
     Counted after the key is known, so a flood of made-up keys cannot grow it;
-    it is bounded by the number of real keys.
+    it is bounded by the number of real keys. One process's count: a cluster's nodes
+    share theirs in the database (accounts.service.SharedKeyRateLimiter).
     """
+
+    asks_database = False
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic):
         self.capacity = per_minute
@@ -51,12 +54,7 @@ class KeyRateLimiter:
             tokens = min(float(self.capacity), tokens + (now - then) * self.per_second)
             if tokens < 1.0:
                 self._buckets[key_id] = (tokens, now)
-                wait = max(1, math.ceil((1.0 - tokens) / self.per_second))
-                raise TooManyRequests(
-                    f"Too many requests with this API key: at most {self.capacity} a minute."
-                    f" Retry after {wait} seconds",
-                    retry_after=wait,
-                )
+                raise too_many_requests(self.capacity, (1.0 - tokens) / self.per_second)
             self._buckets[key_id] = (tokens - 1.0, now)
 
 

@@ -8,7 +8,6 @@ Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import base64
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from litestar.params import JSONBody
 
 from appliance.accounts.keys import KeyOwner
 from appliance.core.config import Config
+from appliance.core.database import DatabaseError
 from appliance.core.errors import ApplianceError
 from appliance.jobs import parameters
 from appliance.jobs.catalog import Catalog, InstalledModel
@@ -129,7 +129,7 @@ OPENAI_HANDLERS: dict[type[Exception], Callable[[Request, Any], Response[Any]]] 
     ApplianceError: _appliance_error,
     ValidationException: _validation_error,
     HTTPException: _http_error,
-    sqlite3.Error: _in_openai_shape(database_error),
+    **dict.fromkeys(DatabaseError, _in_openai_shape(database_error)),
     OSError: _in_openai_shape(os_error),
     Exception: _unexpected_error,
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from litestar.response import Redirect, Template
 from litestar.template.config import TemplateConfig
 from litestar.types import ExceptionHandlersMap
 
-from appliance.core.database import is_busy
-from appliance.core.errors import ApplianceError, DatabaseBusy
+from appliance.core.database import DatabaseError, is_busy, is_unreachable
+from appliance.core.errors import ApplianceError, DatabaseBusy, DatabaseUnreachable
 from appliance.web.api import errors as api_errors
 from appliance.web.console.security import SECURITY_HEADERS, SignInRequired
 
@@ -79,9 +78,11 @@ def _with_headers(response: Response[Any]) -> Response[Any]:
 
 def console_error(request: Request, exc: Exception) -> Response[Any]:
     """People get a page; the console's own scripts and other clients get JSON."""
-    if isinstance(exc, sqlite3.Error) and is_busy(exc):
+    if isinstance(exc, DatabaseError) and is_busy(exc):
         # Another writer held the lock past the busy timeout: the API's 503, not a 500.
         exc = DatabaseBusy()
+    elif isinstance(exc, DatabaseError) and is_unreachable(exc):
+        exc = DatabaseUnreachable()
     if isinstance(exc, SignInRequired) and wants_html(request):
         asked = request.scope.get("query_string", b"").decode("latin-1")
         target = request.scope.get("path", "") + (f"?{asked}" if asked else "")

@@ -20,10 +20,9 @@ from litestar.middleware.session.server_side import (
 )
 from litestar.stores.base import Store
 from litestar.types import Empty, Message, ScopeSession
-from sqlite_utils import Database
 
 from appliance.core.clock import parse_utc, utc_clock, utc_iso
-from appliance.core.database import ConnectionPool, unless_busy
+from appliance.core.database import ConnectionPool, Database, unless_busy
 from appliance.core.digests import sha256_hex
 
 STORE_NAME = "console_sessions"

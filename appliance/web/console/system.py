@@ -137,7 +137,7 @@ def system_figures(engine: Engine, config: Config, accounts: AccountService,
     data_dir = config.storage.data_dir
     disk = shutil.disk_usage(existing_folder(data_dir))
     database = config.storage.database
-    database_size = file_size(database)
+    database_size = file_size(database) if isinstance(database, Path) else None
     minute, hour = status.images_last_minute, status.images_last_hour
     model_state = ("could not be loaded: " + str(engine.load_error) if engine.load_error
                    else "loading" if engine.loading else "loaded")
@@ -170,7 +170,8 @@ def system_figures(engine: Engine, config: Config, accounts: AccountService,
         "rate-hour": rate_text(hour, ImageRate.SECONDS),
         "queue-depth": f"{status.queue_depth} of {engine.queue.capacity} places",
         "disk": f"{size_text(disk.free)} free of {size_text(disk.total)}",
-        "database": size_text(database_size),
+        "database": (size_text(database_size) if database_size is not None
+                     else f"PostgreSQL, {database}"),
         "heartbeat": f"{status.heartbeat_age_seconds:.1f} s ago",
     }
     return SystemFigures({**data, "text": text}, text, status)
