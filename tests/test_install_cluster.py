@@ -79,6 +79,11 @@ def test_a_prefix_install_joins_a_postgresql_database_and_never_prints_its_passw
         tightened = f"made {config} readable by its owner only" in refused.stdout
         assert tightened == (message == "must name a host and a database"), refused.stdout
     print(f"cluster prefix install took {installed_in:.1f} s")
+    # Gone with its copy of the package, whose source holds the suite's test passwords
+    # (the end-of-suite search for secrets would find them there).
+    purged = install("--uninstall", "--purge", "--prefix", str(prefix), cwd=tmp_path)
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert not (prefix / "venv").exists()
 
 
 @pytest.mark.system

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from appliance.core.database import connect, migrate
+from appliance.accounts import accounts, audit
+from appliance.core.database import ConnectionPool, connect, migrate
 from appliance.core.database_url import DatabaseUrl
 from appliance.core.errors import BadRequest
 from appliance.core.postgres import placeholders
+from appliance.jobs import shared_queue, store
+from appliance.jobs.models import GenerationSettings
 from appliance.ops.backup import create_backup, restore_backup
 
-from .helpers import bearer
+from .helpers import TEST_GENERATION, bearer
 
 URL = "/api/playground/images"
 
@@ -76,3 +80,39 @@ def test_text_with_a_nul_character_is_refused_with_400_and_charges_nothing(insta
         400, {"error": "text may not contain the NUL character (U+0000)"})
     assert client.balance(account) == 2
     assert client.http.get(f"{URL}/x%00y", headers=bearer(key)).status_code == 400
+
+
+def test_claims_take_turns_between_accounts_batch_equal_settings_and_never_overlap(postgres):
+    database = ConnectionPool(DatabaseUrl(postgres.new_database()))
+    try:
+        db = database.db()
+        actor = audit.Actor.cli()
+        big, small = (accounts.create_account(db, f"{name}@example.com", "long enough pw",
+                                              actor, credits=20).id
+                      for name in ("big", "small"))
+        settings = GenerationSettings(**TEST_GENERATION)
+        other = GenerationSettings(**{**TEST_GENERATION, "steps": 3})
+        # Jobs in this order (their times are in milliseconds).
+        for account_id, prompts, job_settings in ((big, [f"big {n}" for n in range(8)], settings),
+                                                  (small, ["small 0", "small 1"], settings),
+                                                  (small, ["small other"], other)):
+            store.submit(db, account_id, None, prompts, job_settings)
+            time.sleep(0.005)
+
+        first = shared_queue.claim_batch(db, "a", 4, 30.0)
+        second = shared_queue.claim_batch(db, "b", 4, 30.0)
+
+        # Image by image in turn; a batch holds one settings only.
+        assert [image.prompt for image in first] == ["big 0", "small 0", "big 1", "small 1"]
+        assert [image.prompt for image in second] == ["big 2", "big 3", "big 4", "big 5"]
+        third = shared_queue.claim_batch(db, "a", 4, 30.0)
+        assert [image.prompt for image in third] == ["big 6", "big 7"]
+        assert [image.prompt for image in shared_queue.claim_batch(db, "b", 4, 30.0)] == [
+            "small other"]
+        assert shared_queue.claim_batch(db, "a", 4, 30.0) == []
+        # Released by b (as at its restart): claimable again, by anyone.
+        assert shared_queue.release_claims(db, "b") == 5
+        again = shared_queue.claim_batch(db, "a", 8, 30.0)
+        assert [image.prompt for image in again] == ["big 2", "big 3", "big 4", "big 5"]
+    finally:
+        database.close()
