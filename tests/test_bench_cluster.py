@@ -3,8 +3,6 @@ refuses."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from .cli_helpers import invoke, run_benchmark, write_cli_config
@@ -21,15 +19,17 @@ def test_a_url_that_names_no_postgresql_database_is_refused_in_one_line(tmp_path
 
 @pytest.mark.system
 @pytest.mark.usefixtures("root_handlers_restored")
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (install.sh --test)")
-def test_a_short_run_prints_claims_and_admission_beside_their_baselines(
+def test_a_short_run_prints_the_claims_beside_the_in_memory_queue(
         postgres, tiny_model, tmp_path, capsys):
     config = tmp_path / "config.toml"
     config.write_text(f'[model]\npath = "{tiny_model}"\ndevice = "cpu"\n')
     printed, result = run_benchmark(
         capsys, tmp_path / "cluster.json", "bench-cluster", "--config", str(config),
         "--database-url", postgres.new_database(), "--seconds", "1", "--claimers", "2",
-        "--batch", "8", "--queued", "200")
+        "--batch", "8", "--queued", "200",
+        # The admission half starts three servers (about 20 s of the suite's 7 minutes): it
+        # is run by hand, and its figures are in BENCHMARKS.md.
+        "--no-admission")
     assert [(run["claimers"], run["batch"]) for run in result["claims"]] == [(2, 8)]
     for run in result["claims"]:
         shared, memory = run["shared"], run["in_memory"]
@@ -40,11 +40,5 @@ def test_a_short_run_prints_claims_and_admission_beside_their_baselines(
         assert memory["images"] > 0 and memory["claimed_twice"] == 0
         assert run["ratio"] == pytest.approx(
             shared["images_per_second"] / memory["images_per_second"])
-    admission = result["admission"]
-    for side in ("cluster_2_nodes", "sqlite_1_node"):
-        figure = admission[side]
-        assert figure["posts"] > 0 and figure["refused"] == 0 and figure["errors"] == 0, side
-    assert admission["ratio"] == pytest.approx(admission["cluster_2_nodes"]["posts_per_second"]
-                                               / admission["sqlite_1_node"]["posts_per_second"])
     assert result["server_settings"]["fsync"] == "off"  # the test server's
-    assert "on paper: batches of 8: " in printed and "1 node on SQLite (baseline): " in printed
+    assert "on paper: batches of 8: " in printed

@@ -41,7 +41,7 @@ class Node:
             storage={"data_dir": str(folder / "data"), "database": url,
                      "images_dir": str(images)},
             cluster={"node_name": name, "lease_seconds": LEASE_SECONDS},
-            engine={"batch_size": 4},
+            engine={"batch_size": 4}, generation={"steps": 1},
             limits={"requests_per_minute_per_key": 0, "max_pending_images_per_account": 1000})
         self.process = ServeProcess(self.config, folder / "serve.log", launcher)
 
