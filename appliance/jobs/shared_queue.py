@@ -35,18 +35,21 @@ POLL_SECONDS = 1.0
 # The database's clock, the one every lease is written and compared in.
 NOW = "extract(epoch from clock_timestamp())"
 
+# An image's turn: its rank among its account's images in the same query, oldest job
+# first; images are taken in turn order (_IN_TURN), so accounts alternate image by image.
+_TURN = ("ROW_NUMBER() OVER (PARTITION BY j.account_id"
+         " ORDER BY j.created_at, i.job_id, i.idx) AS turn")
+_IN_TURN = "turn, created_at, job_id, idx"
+
 # Claimable: queued or running, and held by no live claim: a running image whose node's
 # lease ran out, or one that no node claimed (left running by one appliance before it
 # joined a cluster), starts again. Each with its turn (see the module's text).
 _CLAIMABLE = f"""
-    SELECT i.id, i.job_id, i.idx, j.created_at, j.settings,
-           ROW_NUMBER() OVER (PARTITION BY j.account_id
-                              ORDER BY j.created_at, i.job_id, i.idx) AS turn
+    SELECT i.id, i.job_id, i.idx, j.created_at, j.settings, {_TURN}
     FROM job_images i JOIN jobs j ON j.id = i.job_id
     WHERE i.status IN ('{ImageStatus.QUEUED}', '{ImageStatus.RUNNING}')
       AND (i.claimed_by IS NULL OR i.lease_until < {NOW})
 """
-_IN_TURN = "turn, created_at, job_id, idx"
 
 _CANDIDATES = f"""
     WITH claimable AS ({_CLAIMABLE}),
@@ -123,9 +126,7 @@ def position(db: Database, job_id: str) -> int | None:
     row = db.execute(
         f"""
         WITH queued AS (
-            SELECT i.job_id, i.idx, j.created_at,
-                   ROW_NUMBER() OVER (PARTITION BY j.account_id
-                                      ORDER BY j.created_at, i.job_id, i.idx) AS turn
+            SELECT i.job_id, i.idx, j.created_at, {_TURN}
             FROM job_images i JOIN jobs j ON j.id = i.job_id WHERE i.status = ?),
         mine AS (SELECT * FROM queued WHERE job_id = ? ORDER BY {_IN_TURN} LIMIT 1)
         SELECT (SELECT COUNT(*) FROM queued q
