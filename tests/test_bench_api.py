@@ -34,21 +34,31 @@ def test_wrk_figures_are_read_with_their_units():
                                          errors=7, requests=5983)
 
 
-def test_every_route_gets_each_turn_and_the_median_round_counts(monkeypatch):
+def test_each_route_is_loaded_right_after_the_baseline_and_ratios_are_taken_in_pairs(
+        monkeypatch):
     turns: list[str] = []
-    rates = iter([100, 900, 500, 300, 700, 200])
+    # Rates in the order of the loads: base, a, base, b | base, b, base, a | base, a, base, b.
+    rates = iter([1000, 500, 1000, 300, 2000, 800, 2000, 1200, 500, 150, 500, 100])
 
     def fake_load(target: Target, seconds: int, connections: int) -> Load:
         turns.append(target.url)
-        return Load(next(rates), 1.0, 2.0, 0, 10, 50.0)
+        rate = next(rates)
+        return Load(rate, 1.0, 2.0, 0, 10, 1e6 / rate)
 
     monkeypatch.setattr(http, "load", fake_load)
-    loads = http.load_in_rounds({"a": Target("a", 1, {}), "b": Target("b", 1, {})}, 1, 1, 3)
-    # Rotating: a b, b a, a b.
-    assert turns == ["a", "b", "b", "a", "a", "b"]
-    assert [round.requests_per_second for round in loads["a"]] == [100, 300, 700]
-    assert http.median_load(loads["a"]).requests_per_second == 300
-    assert http.median_load(loads["b"]) == Load(500, 1.0, 2.0, 0, 30, 50.0)
+    pairs = http.load_in_pairs(Target("base", 1, {}),
+                               {"a": Target("a", 2, {}), "b": Target("b", 2, {})}, 1, 1, 3)
+    # Rotating, each after the baseline: a b, b a, a b.
+    assert turns == ["base", "a", "base", "b", "base", "b", "base", "a", "base", "a",
+                     "base", "b"]
+    assert [(base.requests_per_second, figure.requests_per_second)
+            for base, figure in pairs["a"]] == [(1000, 500), (2000, 1200), (500, 150)]
+    # Within pairs: 0.5, 0.6 and 0.3; the machine's speed (the baseline's 500 to 2000)
+    # does not move them, where medians of each side's own rates would give 500/1000.
+    rate_ratio, cpu_ratio = http.paired_ratios(pairs["a"])
+    assert rate_ratio == pytest.approx(0.5) and cpu_ratio == pytest.approx(0.5)
+    assert http.paired_ratios(pairs["b"])[0] == pytest.approx(0.3)
+    assert http.median_load([figure for _, figure in pairs["a"]]).requests_per_second == 500
 
 
 def test_output_without_figures_is_an_error():

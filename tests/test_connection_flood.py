@@ -35,6 +35,7 @@ from appliance.runtime.connections import (
     raise_open_file_limit,
 )
 from appliance.runtime.logs import LogfmtFormatter, RepeatLimiter
+from appliance.web.access_log import ACCESS_LOGGER, ACCESS_MESSAGE
 
 from .serve_process import ServeProcess, write_config
 
@@ -251,8 +252,8 @@ def test_the_log_lets_one_line_per_fault_through_per_window_and_counts_the_rest(
     assert not limiter.filter(_record("appliance.engine.writer", logging.ERROR, "cannot write",
                                       error=OSError(24, "Too many open files")))
     # Access lines and other warnings are never held back.
-    access = _record("uvicorn.access", logging.INFO, '%s - "%s %s HTTP/%s" %d',
-                     "10.0.0.1", "GET", "/healthz", "1.1", 200)
+    access = _record(ACCESS_LOGGER, logging.INFO, ACCESS_MESSAGE,
+                     "10.0.0.1:5555", "GET", "/healthz", 200)
     assert all(limiter.filter(access) for _ in range(100))
     assert all(limiter.filter(_record("appliance.jobs", logging.WARNING, "job failed"))
                for _ in range(3))

@@ -35,8 +35,16 @@ from appliance.ops.doctor import (
 )
 from appliance.ops.housekeeping import Housekeeping
 from appliance.ops.initialise import make_secret_file
-from appliance.runtime.logs import _SECRET_PATTERNS, LogfmtFormatter, configure_logging, redact
+from appliance.runtime.logs import (
+    _SECRET_PATTERNS,
+    LogfmtFormatter,
+    _logfmt_value,
+    configure_logging,
+    record_fields,
+    redact,
+)
 from appliance.services import Services
+from appliance.web.access_log import ACCESS_LOGGER, ACCESS_MESSAGE, request_target
 from appliance.web.app import create_app
 
 from .cli_helpers import invoke
@@ -342,6 +350,33 @@ def test_redaction_skips_only_lines_no_pattern_can_match(text):
     for pattern, replacement in _SECRET_PATTERNS:
         expected = pattern.sub(replacement, expected)
     assert redact(text) == expected
+
+
+TARGET_PIECES = ["/api/playground/images/", "0f3c", "?", "a=b", "&", "%20", '"', "\\", "=",
+                 "token=", "wi_live_" + "cd" * 32, "Bearer%20", "password", "\u00e9", "\u212a"]
+
+
+@given(st.lists(st.sampled_from(TARGET_PIECES), min_size=1, max_size=8).map("".join))
+@settings(max_examples=200, deadline=None)
+def test_an_access_line_is_the_general_lines_shape_and_carries_no_key(target):
+    record = logging.LogRecord(ACCESS_LOGGER, logging.INFO, "", 0, ACCESS_MESSAGE,
+                               ("10.0.0.7:51234", "GET", target, 200), None)
+    line = LogfmtFormatter().format(record)
+    assert "cd" * 32 not in line, line
+    assert line.startswith("ts=") and " level=info logger=appliance.access msg=" in line
+    assert line.endswith(" status=200"), line
+    # A target with none of the redaction's words is written exactly as the general
+    # path (every field through one formatter) writes the line.
+    if redact(target) == target and redact(line) == line:
+        general = " ".join(f"{name}={_logfmt_value(value)}"
+                           for name, value in record_fields(record).items())
+        assert line == general
+
+
+def test_the_access_target_is_what_the_client_sent():
+    scope = {"path": "/a b", "raw_path": b"/a%20b", "query_string": b"x=1&y=%22"}
+    assert request_target(scope) == "/a%20b?x=1&y=%22"
+    assert request_target({"path": "/p", "raw_path": None, "query_string": b""}) == "/p"
 
 
 @pytest.mark.parametrize("created", [

@@ -52,7 +52,7 @@ def test_documented_curl_flow_on_a_real_server(fresh_server, tmp_path):
     assert "Application shutdown complete" in log
     assert "tiny demo model" in log
     # A line a request, by default (logging.access_log).
-    assert 'logger=uvicorn.access msg="127.0.0.1:' in log and "path=/api/playground/images" in log
+    assert 'logger=appliance.access msg="127.0.0.1:' in log and "path=/api/playground/images" in log
     assert key not in log and key[12:] not in log
 
 
@@ -70,4 +70,4 @@ def test_with_the_access_log_off_requests_are_counted_but_not_logged(tmp_path, t
             'path="/healthz",status_code="200"} 3.0') in metrics
     log = (tmp_path / "serve.log").read_text()
     assert "ready: serving" in log  # the service's own lines still come
-    assert "logger=uvicorn.access" not in log
+    assert "logger=appliance.access" not in log

@@ -2,13 +2,14 @@
 
 A real `appliance serve` (the config's settings, its data in a temporary
 folder, no per-key rate limit) and, in a process of its own, a bare Litestar
-route under uvicorn answering the same JSON body (bare.py). wrk loads each in
-turn from one thread with `connections` connections for `seconds`, `rounds`
-times in a rotating order (a shared machine's speed drifts within a minute:
-each route gets the early and the late turns alike), and the median round of
-each counts:
+route under uvicorn answering the same JSON body (bare.py). wrk loads each
+route from one thread with `connections` connections for `seconds`, `rounds`
+times in a rotating order, each load right after one of the bare route's; a
+route's ratio is the median of the ratios within those pairs (a shared
+machine's speed drifts by a third within a minute: a pair is measured at one
+speed, where the median of each route's own rounds compared loads made at
+different ones). The routes:
 
-- the bare route (the baseline),
 - the appliance's `/healthz`,
 - an authenticated `GET /api/playground/images/{jobId}` of a finished 2-image job,
 - an authenticated download of one of its PNGs.
@@ -118,15 +119,28 @@ def median_load(rounds: list[Load]) -> Load:
                 middle(cpu) if len(cpu) == len(rounds) else None)
 
 
-def load_in_rounds(targets: dict[str, Target], seconds: int, connections: int,
-                   rounds: int) -> dict[str, list[Load]]:
-    """Every target loaded `rounds` times; round r starts at the r-th target and wraps."""
+def load_in_pairs(baseline: Target, targets: dict[str, Target], seconds: int,
+                  connections: int, rounds: int) -> dict[str, list[tuple[Load, Load]]]:
+    """Every target loaded `rounds` times, each load right after one of the baseline's:
+    (baseline, target) pairs. A ratio is taken within its pair, under one speed of the
+    machine; round r starts at the r-th target and wraps."""
     names = list(targets)
-    loads: dict[str, list[Load]] = {name: [] for name in names}
+    pairs: dict[str, list[tuple[Load, Load]]] = {name: [] for name in names}
     for turn in range(rounds):
         for name in names[turn % len(names):] + names[:turn % len(names)]:
-            loads[name].append(load(targets[name], seconds, connections))
-    return loads
+            before = load(baseline, seconds, connections)
+            pairs[name].append((before, load(targets[name], seconds, connections)))
+    return pairs
+
+
+def paired_ratios(pairs: list[tuple[Load, Load]]) -> tuple[float, float | None]:
+    """The median over the pairs of the target's rate over the baseline's, and of the
+    baseline's CPU time a request over the target's (None where it could not be read)."""
+    rates = [figure.requests_per_second / base.requests_per_second for base, figure in pairs]
+    cpu = [_cpu_ratio(base, figure) for base, figure in pairs]
+    known = [ratio for ratio in cpu if ratio is not None]
+    return (serving.percentile(rates, 0.50),
+            serving.percentile(known, 0.50) if len(known) == len(cpu) else None)
 
 
 def _finished_job(http: httpx.Client, prompts: list[str]) -> dict[str, Any]:
@@ -195,8 +209,8 @@ def run_api_benchmark(config: Config, seconds: int, connections: int, posts: int
             if not serving.answers_ok(bare_url, lambda: bare.poll() is None, 60):
                 raise RuntimeError("the bare Litestar app did not start")
             pid = server.process.pid
-            rounds_run = load_in_rounds({
-                "bare_route": Target(bare_url, bare.pid, {}),
+            baseline = Target(bare_url, bare.pid, {})
+            pairs = load_in_pairs(baseline, {
                 "healthz": Target(f"{server.base}/healthz", pid, {}),
                 "job_read": Target(f"{server.base}{URL}/{job['jobId']}", pid, auth),
                 # The job answers each image's URL whole, host included.
@@ -209,18 +223,20 @@ def run_api_benchmark(config: Config, seconds: int, connections: int, posts: int
             bare.wait(30)
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    figures = {name: median_load(runs) for name, runs in rounds_run.items()}
-    baseline = figures["bare_route"]
+    bare_loads = [base for runs in pairs.values() for base, _ in runs]
+    loads = {"bare_route": {**vars(median_load(bare_loads)), "ratio": 1.0, "cpu_ratio": 1.0,
+                            "rounds_requests_per_second": [r.requests_per_second
+                                                           for r in bare_loads]}}
+    for name, runs in pairs.items():
+        ratio, cpu_ratio = paired_ratios(runs)
+        loads[name] = {**vars(median_load([figure for _, figure in runs])),
+                       "ratio": ratio, "cpu_ratio": cpu_ratio,
+                       "rounds_requests_per_second": [f.requests_per_second for _, f in runs]}
     return {
         "seconds": seconds,
         "connections": connections,
         "rounds": rounds,
-        "loads": {name: {**vars(figure),
-                         "ratio": figure.requests_per_second / baseline.requests_per_second,
-                         "cpu_ratio": _cpu_ratio(baseline, figure),
-                         "rounds_requests_per_second": [r.requests_per_second
-                                                        for r in rounds_run[name]]}
-                  for name, figure in figures.items()},
+        "loads": loads,
         "post_100_prompts_p50_ms": serving.percentile(post_seconds, 0.50) * 1000,
         "post_100_prompts_p95_ms": serving.percentile(post_seconds, 0.95) * 1000,
         "posts": posts,
@@ -240,7 +256,8 @@ LABELS = {"bare_route": "bare Litestar route (baseline)", "healthz": "/healthz",
 
 def report_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"wrk: 1 thread, {result['connections']} connections, {result['seconds']} s each,"
-             f" {result['rounds']} rounds in rotating order; the median of each figure"]
+             f" {result['rounds']} rounds, each route right after the bare route; the median"
+             " of each figure, and of the ratios within those pairs"]
     for name, figure in result["loads"].items():
         cpu = ("" if figure["cpu_us_per_request"] is None else
                f", CPU {figure['cpu_us_per_request']:.0f} us a request"

@@ -590,7 +590,7 @@ class LoggingConfig:
     access_log: bool = setting(
         True,
         "Write a line for every HTTP request (method, path, status, client). At hundreds of"
-        " requests a second (clients polling their jobs) it is 10 to 20% of a status poll's"
+        " requests a second (clients polling their jobs) it is about a tenth of a status poll's"
         " server time, and journald's default rate limit (10,000 lines in 30 s for a"
         " service) then drops lines, warnings and errors among them: behind a proxy that"
         " logs requests, or with many polling clients, set false. /metrics counts every"

@@ -125,15 +125,16 @@ class NotifyingServer(uvicorn.Server):
 
 
 def uvicorn_config(app: Callable[..., Any], host: str, port: int,
-                   guard: ConnectionGuard, access_log: bool) -> uvicorn.Config:
+                   guard: ConnectionGuard) -> uvicorn.Config:
     limits = guard.limits
     # log_config=None: uvicorn's records go through the root logger's format.
     # ws="none": the app has no WebSocket routes, so an upgrade request is plain HTTP.
+    # access_log=False: the app writes its own (web/access_log.py).
     # No limit_concurrency: it answers 503 to every request once that many
     # connections are open, idle ones included; the guard's cap displaces those.
     return uvicorn.Config(app, host=host, port=port, log_config=None,
                           timeout_graceful_shutdown=30, http=protocol_class(guard), ws="none",
-                          access_log=access_log,
+                          access_log=False,
                           backlog=limits.backlog, timeout_keep_alive=limits.keep_alive)
 
 
@@ -162,8 +163,7 @@ def run_service(config: Config, host: str, port: int) -> int:
         services = Services.build(config)
         app = create_app(services)
         _log_limits(limits, open_files)
-        server = NotifyingServer(uvicorn_config(app, host, port, ConnectionGuard(limits, tls),
-                                                config.logging.access_log),
+        server = NotifyingServer(uvicorn_config(app, host, port, ConnectionGuard(limits, tls)),
                                  notifier, services.stopping)
         scheme = "https" if tls else "http"
         supervisor = Supervisor(server, services.engine, config, notifier,

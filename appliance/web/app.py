@@ -12,13 +12,13 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from litestar import Litestar, Router
-from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 
 from appliance.accounts.service import SharedKeyRateLimiter
 from appliance.core.version import package_version
 from appliance.services import Services
+from appliance.web.access_log import access_line
 from appliance.web.api.auth import ApiKeyMiddleware
 from appliance.web.api.errors import EXCEPTION_HANDLERS
 from appliance.web.api.images import ImagesController
@@ -56,9 +56,7 @@ def create_app(services: Services) -> Litestar:
             await services.stop()
 
     api = Router(path="/", route_handlers=[ImagesController, OpenAIController, list_models],
-                 middleware=[DefineMiddleware(
-                     ApiKeyMiddleware, keys=services.keys,
-                     rate_limiter=rate_limiter(services))])
+                 middleware=[ApiKeyMiddleware(services.keys, rate_limiter(services))])
     return Litestar(
         route_handlers=[healthz, readyz, metrics, api],
         dependencies=dependencies(services),
@@ -76,7 +74,7 @@ def create_app(services: Services) -> Litestar:
                     HttpMetricsMiddleware(),
                     WriteAdmissionMiddleware(config.storage.busy_timeout_seconds)],
         # Every response, refusals and unknown paths included.
-        before_send=[over_https],
+        before_send=[over_https, *([access_line] if config.logging.access_log else [])],
         request_max_body_size=config.limits.max_request_bytes,
         openapi_config=OpenAPIConfig(
             title="AI Media Maker",

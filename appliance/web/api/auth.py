@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import anyio.to_thread
-from litestar.connection import ASGIConnection
-from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
-from litestar.types import ASGIApp
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from appliance.accounts.keys import KeyOwner, token_from_header
 from appliance.accounts.service import KeyService
@@ -29,18 +29,33 @@ class RateLimiter(Protocol):
     def check(self, key_id: int) -> None: ...
 
 
-class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    def __init__(self, app: ASGIApp, keys: KeyService, rate_limiter: RateLimiter):
-        super().__init__(app)
+class ApiKeyMiddleware(ASGIMiddleware):
+    """Sets the request's `user` (the key's KeyOwner) and `auth` (the key's id), as
+    Litestar's authentication middleware would, without the connection object it
+    builds for every request."""
+
+    scopes = (ScopeType.HTTP,)
+
+    def __init__(self, keys: KeyService, rate_limiter: RateLimiter):
         self.keys = keys
         self.rate_limiter = rate_limiter
 
-    async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+    def __deepcopy__(self, memo: dict) -> ApiKeyMiddleware:
+        # Litestar copies the routes' middleware; one key service and one rate for all.
+        return self
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        owner = await self._owner(scope)
+        scope["user"] = owner
+        scope["auth"] = owner.key_id
+        await next_app(scope, receive, send)
+
+    async def _owner(self, scope: Scope) -> KeyOwner:
         # Two headers could name two keys; picking either would act for one
         # account on the word of a request that also names another.
         # Straight from the scope (ASGI names are lower case): the parsed Headers
         # object is the costlier part of a request that needs one header.
-        headers = [value.decode("latin-1") for name, value in connection.scope["headers"]
+        headers = [value.decode("latin-1") for name, value in scope["headers"]
                    if name == b"authorization"]
         if len(headers) > 1:
             raise Unauthorized(TWO_HEADERS)
@@ -50,12 +65,10 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
             # PostgreSQL (the budget a write that may wait for the key's row, which other
             # nodes lock too): one hop to a thread for both, so that the event loop serves
             # other requests meanwhile.
-            owner = await anyio.to_thread.run_sync(self._owner_within_rate, token)
-        else:
-            # SQLite: a read of a local file, checked on every request and quick: here,
-            # not on a thread.
-            owner = self._owner_within_rate(token)
-        return AuthenticationResult(user=owner, auth=owner.key_id)
+            return await anyio.to_thread.run_sync(self._owner_within_rate, token)
+        # SQLite: a read of a local file, checked on every request and quick: here,
+        # not on a thread.
+        return self._owner_within_rate(token)
 
     def _owner_within_rate(self, token: str) -> KeyOwner:
         owner = self.keys.owner(token)

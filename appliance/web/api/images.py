@@ -9,6 +9,7 @@ from litestar import Controller, Request, delete, get, post
 from litestar.openapi.spec import OpenAPIType
 from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response import Response, ServerSentEvent
+from litestar.response.base import ASGIResponse
 
 from appliance.accounts.keys import KeyOwner
 from appliance.core.cached_reads import read_if_cached
@@ -19,7 +20,7 @@ from appliance.jobs.models import JobView
 from appliance.jobs.service import JobRequest
 from appliance.web.api import progress
 from appliance.web.api.bodies import StrictJSONRequest
-from appliance.web.api.documentation import BEARER
+from appliance.web.api.documentation import BEARER, success_response
 from appliance.web.api.documentation import error_responses as documented
 from appliance.web.api.idempotent import IdempotentOperation
 from appliance.web.api.idempotent import from_request as idempotent_request
@@ -29,7 +30,7 @@ from appliance.web.api.schemas import (
     ErrorBody,
     JobResponse,
 )
-from appliance.web.api.views import api_image_url, job_response
+from appliance.web.api.views import api_image_url, job_response, json_answer
 from appliance.web.dependencies import Jobs, Models, Settings, Stopping
 
 # How the native API names each generation parameter in its errors.
@@ -52,6 +53,8 @@ ERROR_MEANINGS = {
          " full; retry after `Retry-After` seconds. Nothing is charged.",
 }
 
+
+PNG = "image/png"
 
 # How the OpenAPI document shows an image's index, which the route reads as text.
 INDEX_SCHEMA = {"type": OpenAPIType.INTEGER, "minimum": 0, "maximum": LARGEST_INTEGER,
@@ -108,16 +111,18 @@ class ImagesController(Controller):
 
     # The reads below run on the event loop: a few indexed SELECTs, which in WAL
     # mode never wait for a writer, cost less than the hop to a worker thread.
+    # They are what clients send most (a status poll, a download), so each hands
+    # back its answer ready to send: a Response would be converted into one.
     @get(
         "/{job_id:str}",
         sync_to_thread=False,
         summary="Get a job's status and its images",
-        responses=error_responses(401, 404, 429, 503),
+        responses={**success_response(JobResponse), **error_responses(401, 404, 429, 503)},
     )
     def read(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
-             jobs: Jobs) -> JobResponse:
+             jobs: Jobs) -> ASGIResponse:
         job = jobs.read(request.user.account_id, job_id)
-        return job_response(job, api_image_url(request))
+        return json_answer(job_response(job, api_image_url(request)))
 
     @delete(
         "/{job_id:str}",
@@ -160,12 +165,12 @@ class ImagesController(Controller):
         "/{job_id:str}/images/{index:str}",
         name="job_image",
         summary="Download one finished image as PNG",
-        media_type="image/png",
-        responses=error_responses(401, 404, 429, 503),
+        media_type=PNG,
+        responses={**success_response(bytes, PNG), **error_responses(401, 404, 429, 503)},
     )
     async def image(self, request: Request[KeyOwner, Any, Any], job_id: FromPath[str],
                     index: Annotated[str, Parameter(schema_extra=INDEX_SCHEMA)],
-                    jobs: Jobs) -> Response[bytes]:
+                    jobs: Jobs) -> ASGIResponse:
         number = row_id(index)
         if number is None:
             raise NotFound(f"image {index[:40]!r} of this job does not exist")
@@ -176,5 +181,5 @@ class ImagesController(Controller):
         png = read_if_cached(path) if jobs.images_on_local_disk else None
         if png is None:
             png = await anyio.Path(path).read_bytes()
-        return Response(png, media_type="image/png", headers={
+        return ASGIResponse(body=png, media_type=PNG, headers={
             "Content-Disposition": f'inline; filename="{job_id}-{number}.png"'})

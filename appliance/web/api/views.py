@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
 from litestar import Litestar, Request
+from litestar.enums import MediaType
+from litestar.response.base import ASGIResponse
 
 from appliance.jobs.models import ImageView, JobView
 from appliance.web.api.limits import absolute_url
@@ -37,6 +40,11 @@ def api_image_url(request: Request) -> ImageUrl:
         return absolute_url(request, template.format(job_id=job_id, index=index))
 
     return url
+
+
+def json_answer(body: msgspec.Struct) -> ASGIResponse:
+    """`body` as a 200 JSON answer, ready to send."""
+    return ASGIResponse(body=msgspec.json.encode(body), media_type=MediaType.JSON)
 
 
 def image_response(job_id: str, image: ImageView, image_url: ImageUrl) -> JobImage:

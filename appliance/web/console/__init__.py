@@ -10,6 +10,8 @@ from litestar import Router
 from litestar.config.app import AppConfig
 from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import CacheControlHeader
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.csrf import CSRFMiddleware
 from litestar.plugins import InitPlugin
 from litestar.static_files import create_static_files_router
 from litestar.stores.registry import StoreRegistry
@@ -32,9 +34,6 @@ from appliance.web.console.signin_pages import home, login, login_page, logout
 from appliance.web.console.system import SystemPages
 
 CSRF_COOKIE = "console_csrf"
-# Bearer-key clients send no cookies, so CSRF cannot touch them; and the
-# read-only operational endpoints should not hand out cookies.
-CSRF_EXEMPT = [r"^/api/", r"^/v1/", r"^/(healthz|readyz|metrics)$", r"^/schema"]
 
 
 def read_secret(config: Config) -> str:
@@ -60,19 +59,20 @@ class ConsolePlugin(InitPlugin):
             app_config.stores.register(STORE_NAME, session_store)
         else:
             app_config.stores = {**(app_config.stores or {}), STORE_NAME: session_store}
-        if app_config.csrf_config is not None:
-            raise RuntimeError("the console sets the app's CSRF protection; there is one already")
-        app_config.csrf_config = CSRFConfig(
+        # On the console's routes only, not the app's: Bearer-key clients send no
+        # cookies, so CSRF cannot touch them, the probes should hand out none, and
+        # an API request is spared the middleware (a status poll is the request
+        # clients send most).
+        csrf = DefineMiddleware(CSRFMiddleware, config=CSRFConfig(
             secret=read_secret(self.config),
             cookie_name=CSRF_COOKIE,
             cookie_httponly=True,  # forms carry the token; no script needs the cookie
             cookie_samesite="lax",
             # Over HTTPS always, whatever this says: security.over_https.
             cookie_secure=console.secure_cookies,
-            exclude=CSRF_EXEMPT,
-        )
+        ))
         app_config.template_config = template_config()
-        middleware: list[Middleware] = [SecurityHeadersMiddleware(), sessions.middleware]
+        middleware: list[Middleware] = [SecurityHeadersMiddleware(), sessions.middleware, csrf]
         app_config.route_handlers.extend([
             Router(path="/", route_handlers=[home, login_page, login, logout],
                    middleware=middleware, exception_handlers=CONSOLE_EXCEPTION_HANDLERS,
@@ -83,7 +83,6 @@ class ConsolePlugin(InitPlugin):
                    include_in_schema=False),
             create_static_files_router(path="/console/static", directories=[STATIC],
                                        name="console.static", include_in_schema=False,
-                                       opt={"exclude_from_csrf": True},
                                        cache_control=CacheControlHeader(max_age=3600),
                                        middleware=[SecurityHeadersMiddleware()]),
         ])
