@@ -437,6 +437,24 @@ check_database_url() {
     esac
 }
 
+# The service's own check of the URL (host, port, database name), refused as the option
+# it came from, before anything is installed: a URL the service cannot use costs no
+# minutes of package downloads to find out. Read from the checkout (the check needs
+# nothing beyond the standard library); in the environment, not on a command line
+# others can read.
+check_database_url_fits() {
+    local python="$1" root="$2" url="$3"
+    DATABASE_URL="$url" ROOT="$root" "$python" -B -c '
+import os, sys
+sys.path.insert(0, os.environ["ROOT"])
+from appliance.core.database_url import DatabaseUrl
+try:
+    DatabaseUrl(os.environ["DATABASE_URL"])
+except ValueError as problem:
+    sys.exit(f"install.sh: --database-url {problem}")
+' || exit 1
+}
+
 # Cluster mode: sets storage.database to the URL, in a private copy of the config that
 # `appliance init` tries first, so that the config changes only once the database has
 # answered and holds the schema. The local SQLite file is never made.
@@ -445,16 +463,6 @@ install_database() {
     if [ -z "$url" ]; then
         return
     fi
-    # The service's own check of the URL (host, port, database name), refused as the
-    # option it came from. In the environment, not on a command line others can read.
-    DATABASE_URL="$url" "$VENV/bin/python" -c '
-import os, sys
-from appliance.core.database_url import DatabaseUrl
-try:
-    DatabaseUrl(os.environ["DATABASE_URL"])
-except ValueError as problem:
-    sys.exit(f"install.sh: --database-url {problem}")
-' || exit 1
     say "joining the database $(masked_url "$url")"
     rm -f "$CONFIG.tmp"
     # Private before the password is written into it.
@@ -576,6 +584,9 @@ install_service() {
     if [ -n "$prefix" ]; then system=0; fi
     set_layout "$prefix"
     check_python "$python"
+    if [ -n "$database_url" ]; then
+        check_database_url_fits "$python" "$root" "$database_url"
+    fi
     if [ -n "$model_dir" ]; then
         model_dir="$(absolute "$model_dir")"
     fi

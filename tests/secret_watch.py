@@ -1,8 +1,11 @@
-"""Remembers every API key and password the suite makes in-process, and every log line.
+"""Remembers every API key and password the suite makes in-process, and every log line;
+once every test of the process has run, searches everything they left on disk
+(databases, data folders, server logs) and everything logged for any of them.
 
-test_secrets.py's last test then searches everything the suite left on disk
-(databases, data folders, server logs) and everything it logged for any of
-them. tests/conftest.py imports the fixture and the ordering hook below.
+The search is the session fixture's last act, so a leak fails the run as an error
+at the teardown of its last test. Under pytest-xdist each worker is a process of
+its own, with its own base folder: each searches what its own tests made and left.
+tests/conftest.py imports the fixture.
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ def secret_watch(tmp_path_factory) -> Iterator[Secrets]:
         ours.setLevel(previous_level)
         handler.close()
         keys.generate_key, accounts.hash_password = real_generate, real_hash
+    # Every test of this process has now left its databases, data folders and server
+    # logs under the base folder, and every log line of the process is in suite.log.
+    assert watched.log_file.exists()
+    found = leaks(tmp_path_factory.getbasetemp(), watched.keys, watched.passwords)
+    assert not found, "a key or a password was left behind:\n" + "\n".join(found)
 
 
 def leaks(folder: Path, key_list: set[str], passwords: set[str]) -> list[str]:
@@ -81,7 +89,3 @@ def leaks(folder: Path, key_list: set[str], passwords: set[str]) -> list[str]:
                 found.append(f"a password in {path}")
     return found
 
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests marked to run last (after the whole suite has left its files) go to the end.
-    items.sort(key=lambda item: bool(getattr(getattr(item, "function", None), "runs_last", False)))
