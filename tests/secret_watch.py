@@ -69,6 +69,8 @@ def secret_watch(tmp_path_factory) -> Iterator[Secrets]:
     # Every test of this process has now left its databases, data folders and server
     # logs under the base folder, and every log line of the process is in suite.log.
     assert watched.log_file.exists()
+    if not (watched.keys or watched.passwords):
+        return  # nothing to look for (the boot test's keys are made inside its machine)
     found = leaks(tmp_path_factory.getbasetemp(), watched.keys, watched.passwords)
     assert not found, "a key or a password was left behind:\n" + "\n".join(found)
 
