@@ -38,11 +38,11 @@ _SECRET_PATTERNS = [
 _SECRET_FIELD = re.compile(
     r"(?i)password|passwd|secret|session|cookie|authorization|token|api_?key")
 
-# Attributes every LogRecord has; anything else came from `extra=` and is a field.
-_RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName"}
-# How many attributes a record given no `extra=` has.
-_PLAIN_RECORD = len(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+# A record given no `extra=`: its attributes are the ones every LogRecord has.
+_PLAIN = vars(logging.LogRecord("", 0, "", 0, "", None, None))
+# Anything else came from `extra=` and is a field.
+_RECORD_ATTRIBUTES = frozenset(_PLAIN) | {"message", "asctime", "taskName"}
+_PLAIN_RECORD = len(_PLAIN)
 
 
 # The words without which each pattern above cannot match.
